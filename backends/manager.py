@@ -1,0 +1,179 @@
+"""Routes an alias to a loaded backend: chooses the engine, loads, unloads, evicts."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from .base import Backend
+from .config import ModelConfig, Settings
+from .errors import APIError, EngineError, EngineNotInstalled, InvalidRequest, ModelNotFound
+
+log = logging.getLogger("llmserve")
+
+# backend name -> (module, class, the engine module it needs)
+BACKENDS = {
+    "llamacpp": ("backends.llamacpp_backend", "LlamaCppBackend", "llama_cpp"),
+    "transformers": ("backends.transformers_backend", "TransformersBackend", "transformers"),
+    "vllm": ("backends.vllm_backend", "VllmBackend", "vllm"),
+}
+
+
+def engine_installed(backend: str) -> bool:
+    return importlib.util.find_spec(BACKENDS[backend][2]) is not None
+
+
+def choose_backend(config: ModelConfig) -> str:
+    """Explicit ``backend`` wins; a GGUF goes to llama.cpp; a Hugging Face model goes
+    to vLLM when it is importable, else to Transformers."""
+    if config.backend:
+        return config.backend
+    if config.is_gguf():
+        return "llamacpp"
+    return "vllm" if engine_installed("vllm") else "transformers"
+
+
+def make_backend(alias: str, config: ModelConfig) -> Backend:
+    name = choose_backend(config)
+    module, cls, engine = BACKENDS[name]
+    if importlib.util.find_spec(engine) is None:
+        raise EngineNotInstalled(name, engine, alias)
+    return getattr(importlib.import_module(module), cls)(alias, config)
+
+
+class ModelManager:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.loaded: dict[str, Backend] = {}
+        self._locks: dict[str, asyncio.Lock] = {a: asyncio.Lock() for a in settings.models}
+        self._in_flight: dict[str, int] = {a: 0 for a in settings.models}
+        self._last_used: dict[str, float] = {}
+        self._loading: set[str] = set()
+
+    # -- lookup -------------------------------------------------------------------------
+    def config(self, alias: str) -> ModelConfig:
+        try:
+            return self.settings.models[alias]
+        except KeyError:
+            raise ModelNotFound(alias, list(self.settings.models)) from None
+
+    def list_models(self) -> list[dict[str, Any]]:
+        rows = []
+        for alias, cfg in self.settings.models.items():
+            backend = self.loaded.get(alias)
+            row = {
+                "id": alias,
+                "object": "model",
+                "created": 0,
+                "owned_by": "llmserve",
+                "backend": choose_backend(cfg),
+                "task": cfg.task,
+                "loaded": backend is not None,
+                "loading": alias in self._loading,
+                "source": cfg.source or f"{cfg.package.package}/{cfg.package.path}",
+            }
+            if backend is not None:
+                row.update(backend.describe())
+            rows.append(row)
+        return rows
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def preload(self) -> None:
+        for alias, cfg in self.settings.models.items():
+            if cfg.preload:
+                await self.load(alias)
+
+    async def load(self, alias: str) -> dict[str, Any]:
+        cfg = self.config(alias)
+        async with self._locks[alias]:
+            if alias in self.loaded:
+                return self.loaded[alias].describe()
+            await self._make_room(alias)
+            backend = make_backend(alias, cfg)
+            self._loading.add(alias)
+            started = time.perf_counter()
+            try:
+                await backend.load()
+            except APIError:
+                raise
+            except Exception as exc:
+                log.exception("loading %s failed", alias)
+                raise EngineError(f"Loading model {alias!r} failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                self._loading.discard(alias)
+            self.loaded[alias] = backend
+            self._last_used[alias] = time.monotonic()
+            log.info("loaded %s (%s) in %.1f s", alias, backend.name, time.perf_counter() - started)
+            return backend.describe()
+
+    async def unload(self, alias: str, drain_timeout: float = 30.0) -> bool:
+        self.config(alias)
+        async with self._locks[alias]:
+            backend = self.loaded.pop(alias, None)
+            if backend is None:
+                return False
+            # let requests already running on it finish
+            deadline = time.monotonic() + drain_timeout
+            while self._in_flight[alias] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await backend.unload()
+            log.info("unloaded %s", alias)
+            return True
+
+    async def shutdown(self) -> None:
+        for alias in list(self.loaded):
+            await self.unload(alias, drain_timeout=0)
+
+    async def _make_room(self, alias: str) -> None:
+        """Unloads the least recently used idle model when the limit is reached."""
+        limit = self.settings.limits.max_loaded_models
+        while len(self.loaded) >= limit:
+            idle = [a for a in self.loaded if not self._in_flight[a] and a != alias]
+            if not idle:
+                raise APIError(
+                    f"{limit} models are loaded (limits.max_loaded_models) and all are busy; "
+                    "retry later or unload one with POST /models/{name}/unload.",
+                    status=503,
+                    type="server_error",
+                    code="too_many_models",
+                )
+            victim = min(idle, key=lambda a: self._last_used.get(a, 0))
+            log.info("unloading %s to make room for %s", victim, alias)
+            await self.loaded.pop(victim).unload()
+
+    # -- serving ------------------------------------------------------------------------
+    @asynccontextmanager
+    async def use(self, alias: str, capability: str) -> AsyncIterator[Backend]:
+        """The loaded backend for ``alias``, checked for ``capability``, counted as busy."""
+        cfg = self.config(alias)
+        backend = self.loaded.get(alias)
+        if backend is None:
+            if not self.settings.load_on_demand:
+                raise InvalidRequest(
+                    f"Model {alias!r} is configured but not loaded. Load it with "
+                    f"POST /models/{alias}/load (load_on_demand is off).",
+                    param="model",
+                    code="model_not_loaded",
+                )
+            await self.load(alias)
+            backend = self.loaded.get(alias)
+            if backend is None:  # unloaded again while we waited
+                raise APIError(f"Model {alias!r} was unloaded while loading; retry.", status=503, type="server_error")
+        if capability not in backend.capabilities():
+            can = ", ".join(sorted(backend.capabilities())) or "nothing"
+            raise InvalidRequest(
+                f"Model {alias!r} ({backend.name}, task {cfg.task}) does not support {capability}; "
+                f"it supports: {can}. Pick a model that does (GET /v1/models lists them).",
+                param="model",
+                code="unsupported_capability",
+            )
+        self._in_flight[alias] += 1
+        self._last_used[alias] = time.monotonic()
+        try:
+            yield backend
+        finally:
+            self._in_flight[alias] -= 1

@@ -1,0 +1,102 @@
+"""The BentoML service: the HTTP surface only. Engine logic lives in backends/.
+
+Request path: an HTTP route (backends/http_app.py, OpenAI-compatible, under /v1 and
+/api/v1) or a BentoML API below -> OpenAIOperations (backends/openai_api.py: checks,
+sampling, SSE chunks) -> ModelManager (backends/manager.py: alias -> loaded backend)
+-> one backend in backends/*_backend.py -> its engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import bentoml
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from backends.config import load_settings
+from backends.errors import APIError
+from backends.http_app import app, respond
+from backends.manager import ModelManager
+from backends.openai_api import OpenAIOperations
+from backends.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+log = logging.getLogger("llmserve")
+settings = load_settings()  # fails start-up with a message naming any bad key
+
+
+def openai_api(input_spec):
+    """A BentoML API that takes an OpenAI request body and answers with the same
+    Response the /v1 route gives: JSON, an SSE stream, or an OpenAI-shaped error.
+    Declared as streaming so BentoML's clients read an SSE answer as it comes."""
+
+    def decorate(func):
+        method = bentoml.api(input_spec=input_spec)(func)
+        method.is_stream = True
+        return method
+
+    return decorate
+
+
+async def as_response(make) -> Response:
+    try:
+        result = await make()
+    except APIError as exc:
+        return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(result) if isinstance(result, dict) else respond(result)
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="llmserve",
+    resources=settings.service_resources(),
+    workers=settings.service.workers,
+    traffic={"timeout": settings.service.timeout},
+)
+class LLMService:
+    def __init__(self) -> None:
+        self.manager = ModelManager(settings)
+        self.ops = OpenAIOperations(self.manager, settings)
+        app.state.ops = self.ops
+        self._preload: asyncio.Task | None = None
+
+    @bentoml.on_startup
+    async def start_loading(self) -> None:
+        # load in the background: /livez and /v1/models answer (with "loading") meanwhile
+        self._preload = asyncio.create_task(self.manager.preload())
+
+    async def __is_ready__(self) -> bool:
+        return self._preload is not None and self._preload.done()
+
+    @bentoml.on_shutdown
+    async def stop(self) -> None:
+        await self.manager.shutdown()
+
+    # -- BentoML-native APIs: the same code as the /v1 routes -------------------------------
+    @openai_api(ChatCompletionRequest)
+    async def chat(self, **body) -> str:
+        """Chat completion; the fields of OpenAI's /v1/chat/completions body."""
+        return await as_response(lambda: self.ops.chat(ChatCompletionRequest.model_validate(body)))
+
+    @openai_api(CompletionRequest)
+    async def complete(self, **body) -> str:
+        """Text completion; the fields of OpenAI's /v1/completions body."""
+        return await as_response(lambda: self.ops.complete(CompletionRequest.model_validate(body)))
+
+    @openai_api(EmbeddingRequest)
+    async def embed(self, **body) -> str:
+        """Embeddings; the fields of OpenAI's /v1/embeddings body."""
+        return await as_response(lambda: self.ops.embed(EmbeddingRequest.model_validate(body)))
+
+    @bentoml.api
+    async def list_models(self) -> dict:
+        return self.ops.list_models()
+
+    @bentoml.api
+    async def load_model(self, name: str) -> dict:
+        return await as_response(lambda: self.ops.load_model(name))
+
+    @bentoml.api
+    async def unload_model(self, name: str) -> dict:
+        return await as_response(lambda: self.ops.unload_model(name))
