@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|[\w-]+\[.*\])$")
 
 
 class APIError(Exception):
@@ -80,13 +83,16 @@ class EngineNotInstalled(EngineError):
 
 def validation_error_to_api_error(errors: list[dict[str, Any]]) -> InvalidRequest:
     """Turn pydantic's error list into one 400 that names the first offending field."""
-    parts, first_param = [], None
+    parts, first_param, seen = [], None, set()
     for err in errors:
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             return InvalidRequest(f"The request body is not valid JSON ({detail}).", code="invalid_json")
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        # drop "body" and the union-member tags pydantic puts in the path ("str", "list[str]")
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
         param = ".".join(loc) or None
         first_param = first_param or param
-        parts.append(f"{param or 'body'}: {err.get('msg')}")
+        if param not in seen:
+            seen.add(param)
+            parts.append(f"{param or 'body'}: {err.get('msg')}")
     return InvalidRequest("Invalid request: " + "; ".join(parts), param=first_param, code="invalid_value")

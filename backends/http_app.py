@@ -92,9 +92,16 @@ async def unload_model(name: str, o: OpenAIOperations = Depends(ops)):
     return await o.unload_model(name)
 
 
+@openai_router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+async def unknown_route(path: str, request: Request):
+    # BentoML answers unmatched paths with a plain-text 404; under the API prefixes
+    # clients get an OpenAI-shaped one instead
+    raise APIError(f"Unknown route: {request.method} {request.url.path}", status=404, code="not_found")
+
+
 for prefix in ("/v1", "/api/v1"):
-    app.include_router(openai_router, prefix=prefix)
     app.include_router(admin_router, prefix=prefix)
+    app.include_router(openai_router, prefix=prefix)  # after admin: it ends with the catch-all
 app.include_router(admin_router)
 
 

@@ -1,0 +1,132 @@
+"""Everything a client can get wrong: a 4xx with an OpenAI-shaped body, and the server keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+def assert_openai_error(resp, status, param=None, code=None, contains=None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and len(err["message"]) > 10
+    assert err["type"] == ("invalid_request_error" if status < 500 and status != 401 else err["type"])
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    if contains is not None:
+        assert contains.lower() in err["message"].lower(), err["message"]
+    return err
+
+
+BAD_BODIES = [
+    # (body, param named in the error)
+    ({"model": "smollm2"}, "messages"),  # missing messages
+    ({"model": "smollm2", "messages": []}, "messages"),  # empty messages
+    ({"model": "smollm2", "messages": "hello"}, "messages"),  # wrong type
+    ({"model": "smollm2", "messages": [{"role": "wizard", "content": "Hi"}]}, "messages.0.role"),
+    ({"model": "smollm2", "messages": [{"content": "Hi"}]}, "messages.0.role"),
+    ({"model": "smollm2", "messages": MSG, "max_tokens": -5}, "max_tokens"),
+    ({"model": "smollm2", "messages": MSG, "max_tokens": 0}, "max_tokens"),
+    ({"model": "smollm2", "messages": MSG, "max_tokens": "ten"}, "max_tokens"),
+    ({"model": "smollm2", "messages": MSG, "temperature": 3.5}, "temperature"),
+    ({"model": "smollm2", "messages": MSG, "temperature": -1}, "temperature"),
+    ({"model": "smollm2", "messages": MSG, "top_p": 0}, "top_p"),
+    ({"model": "smollm2", "messages": MSG, "top_p": 1.5}, "top_p"),
+    ({"model": "smollm2", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "smollm2", "messages": MSG, "n": 3}, "n"),
+    ({"model": 42, "messages": MSG}, "model"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_BODIES, ids=[p + str(i) for i, (_, p) in enumerate(BAD_BODIES)])
+def test_bad_chat_bodies_are_400(http, body, param):
+    assert_openai_error(http.post(CHAT, json=body), 400, param=param)
+
+
+def test_malformed_json_is_400(http):
+    resp = http.post(CHAT, content=b'{"model": "smollm2", "messages": [', headers={"content-type": "application/json"})
+    assert_openai_error(resp, 400, code="invalid_json", contains="json")
+
+
+def test_body_that_is_not_an_object_is_400(http):
+    assert_openai_error(http.post(CHAT, json=["not", "an", "object"]), 400)
+
+
+def test_absurd_max_tokens_is_400(http):
+    body = {"model": "smollm2", "messages": MSG, "max_tokens": 10**9}
+    assert_openai_error(http.post(CHAT, json=body), 400, param="max_tokens", contains="max_tokens")
+
+
+@pytest.mark.parametrize("route,body", [
+    (CHAT, {"model": "gpt-17", "messages": MSG}),
+    ("/v1/completions", {"model": "gpt-17", "prompt": "Hi"}),
+    ("/v1/embeddings", {"model": "gpt-17", "input": "Hi"}),
+])
+def test_unknown_model_is_404(http, route, body):
+    err = assert_openai_error(http.post(route, json=body), 404, param="model", code="model_not_found")
+    assert "smollm2" in err["message"], "the message lists the configured models"
+
+
+@pytest.mark.parametrize("model", ["smollm2", "smollm2-hf"])
+def test_prompt_longer_than_context_is_400(http, model):
+    long = "hello world " * 3000  # ~6000 tokens, context is 2048 / 8192
+    if model == "smollm2-hf":
+        long = long * 2
+    resp = http.post(CHAT, json={"model": model, "messages": [{"role": "user", "content": long}]})
+    assert_openai_error(resp, 400, code="context_length_exceeded", contains="maximum context length")
+
+
+def test_prompt_plus_max_tokens_over_context_is_400(http):
+    prompt = "hello world " * 800  # ~1600 tokens of a 2048 context
+    resp = http.post("/v1/completions", json={"model": "smollm2", "prompt": prompt, "max_tokens": 1000})
+    assert_openai_error(resp, 400, code="context_length_exceeded")
+
+
+def test_chat_model_asked_for_embeddings_is_400(http):
+    resp = http.post("/v1/embeddings", json={"model": "smollm2", "input": "Hi"})
+    assert_openai_error(resp, 400, param="model", code="unsupported_capability", contains="embeddings")
+
+
+@pytest.mark.parametrize("route,body", [
+    (CHAT, {"model": "minilm", "messages": MSG}),
+    ("/v1/completions", {"model": "minilm", "prompt": "Hi"}),
+])
+def test_embedding_model_asked_to_generate_is_400(http, route, body):
+    assert_openai_error(http.post(route, json=body), 400, param="model", code="unsupported_capability")
+
+
+@pytest.mark.parametrize("body", [{"model": "minilm", "input": []}, {"model": "minilm", "input": [""]},
+                                  {"model": "minilm"}, {"model": "minilm", "input": 7}])
+def test_bad_embedding_input_is_400(http, body):
+    assert_openai_error(http.post("/v1/embeddings", json=body), 400, param="input")
+
+
+def test_embedding_input_longer_than_context_is_400(http):
+    resp = http.post("/v1/embeddings", json={"model": "minilm", "input": ["word " * 2000]})
+    assert_openai_error(resp, 400, code="context_length_exceeded")
+
+
+@pytest.mark.parametrize("path", ["/models/gpt-17/load", "/v1/models/gpt-17/load", "/models/gpt-17/unload"])
+def test_loading_an_unconfigured_alias_is_404(http, path):
+    assert_openai_error(http.post(path), 404, code="model_not_found")
+
+
+def test_unknown_route_is_openai_shaped_404(http):
+    assert_openai_error(http.get("/v1/no-such-route"), 404)
+
+
+def test_completion_prompt_list_of_two_is_400(http):
+    resp = http.post("/v1/completions", json={"model": "smollm2", "prompt": ["a", "b"]})
+    assert_openai_error(resp, 400, param="prompt")
+
+
+def test_server_keeps_serving_after_bad_input(http, oai):
+    for body, _ in BAD_BODIES:
+        http.post(CHAT, json=body)
+    r = oai.chat.completions.create(model="smollm2", messages=MSG, max_tokens=3)
+    assert r.usage.completion_tokens >= 1
