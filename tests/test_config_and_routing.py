@@ -1,0 +1,163 @@
+"""Configuration validation, engine choice and manager routing (fakes allowed here: no engine claims)."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+
+import pytest
+
+from backends import manager as manager_mod
+from backends.base import CHAT, COMPLETION, Backend, Delta
+from backends.config import ConfigError, ModelConfig, load_settings
+from backends.errors import EngineNotInstalled, InvalidRequest, ModelNotFound
+from backends.manager import ModelManager, choose_backend, make_backend
+
+MINIMAL = """
+default_model: a
+models:
+  a: {source: some/model, backend: transformers}
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "configuration.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_shipped_configuration_is_valid():
+    s = load_settings()
+    assert s.default_model == "smollm2" and s.embedding_model == "minilm"
+    assert s.models["smollm2"].preload and s.models["minilm"].preload
+    assert s.models["llama3-8b"].vllm.tensor_parallel_size == 1
+    assert s.models["llama3-70b"].vllm.tensor_parallel_size == 2
+    assert s.models["llama3-70b"].vllm.swap_space == 4
+    assert s.service_resources() == {}  # nothing preloaded needs a GPU
+
+
+@pytest.mark.parametrize("text,named", [
+    (MINIMAL + "bogus_key: 1\n", "bogus_key"),
+    (MINIMAL.replace("backend: transformers", "backend: tensorflow"), "models.a.backend"),
+    (MINIMAL + "limits: {max_tokens: -3}\n", "limits.max_tokens"),
+    (MINIMAL.replace("{source: some/model,", "{source: some/model, n_ctx: 5,"), "models.a.n_ctx"),
+    (MINIMAL.replace("default_model: a", "default_model: zzz"), "zzz"),
+    (MINIMAL.replace("{source: some/model,", "{"), "models.a"),
+    ("models: [1, 2]\n", "models"),
+])
+def test_bad_configuration_fails_with_the_key_named(tmp_path, text, named):
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert named in str(info.value)
+
+
+def test_invalid_yaml_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "models: {a: [}\n"))
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path, MINIMAL + "  b: {source: other/model}\n")
+    monkeypatch.setenv("LLMSERVE_DEFAULT_MODEL", "b")
+    monkeypatch.setenv("LLMSERVE_LIMITS__MAX_TOKENS", "77")
+    s = load_settings(path)
+    assert s.default_model == "b" and s.limits.max_tokens == 77
+    assert s.limits.default_max_tokens == 256  # untouched keys keep their defaults
+    monkeypatch.setenv("LLMSERVE_LIMITS__MAX_TOKENS", "lots")
+    with pytest.raises(ConfigError, match="limits.max_tokens"):
+        load_settings(path)
+
+
+def test_service_gpus_follow_tensor_and_pipeline_parallel(tmp_path):
+    s = load_settings(write(tmp_path, """
+        default_model: big
+        models:
+          big: {source: x/y, preload: true, vllm: {tensor_parallel_size: 2, pipeline_parallel_size: 2}}
+          small: {source: x/z, vllm: {tensor_parallel_size: 8}}
+    """))
+    assert s.service_resources() == {"gpu": 4}  # only preloaded models count
+    s.service.gpus, s.service.gpu_type = 8, "nvidia-h100-80gb"
+    assert s.service_resources() == {"gpu": 8, "gpu_type": "nvidia-h100-80gb"}
+
+
+def test_backend_choice(monkeypatch):
+    gguf = ModelConfig(source="models/x.Q4_0.gguf")
+    hf = ModelConfig(source="meta-llama/Meta-Llama-3-8B-Instruct")
+    forced = ModelConfig(source="meta-llama/Meta-Llama-3-8B-Instruct", backend="transformers")
+    assert choose_backend(gguf) == "llamacpp"
+    assert choose_backend(forced) == "transformers"
+    monkeypatch.setattr(manager_mod, "engine_installed", lambda name: name == "vllm")
+    assert choose_backend(hf) == "vllm"
+    monkeypatch.setattr(manager_mod, "engine_installed", lambda name: False)
+    assert choose_backend(hf) == "transformers"
+
+
+def test_missing_engine_is_named_with_how_to_install(monkeypatch):
+    real = manager_mod.importlib.util.find_spec
+    monkeypatch.setattr(manager_mod.importlib.util, "find_spec", lambda n: None if n == "llama_cpp" else real(n))
+    with pytest.raises(EngineNotInstalled) as info:
+        make_backend("tiny", ModelConfig(source="x.gguf"))
+    msg = str(info.value)
+    assert "llama_cpp" in msg and "pip install" in msg and info.value.status == 400
+
+
+class FakeBackend(Backend):
+    """Stands in for an engine only to test routing; no engine claim rests on it."""
+
+    name = "fake"
+    loads = 0
+
+    async def load(self):
+        FakeBackend.loads += 1
+
+    async def unload(self):
+        pass
+
+    def capabilities(self):
+        return {CHAT, COMPLETION}
+
+    def context_length(self):
+        return 100
+
+    async def encode_chat(self, messages):
+        return [1, 2, 3]
+
+    async def encode_text(self, text):
+        return [1, 2]
+
+    async def generate(self, prompt_ids, params):
+        yield Delta("x", 1, "length")
+
+
+def fake_manager(tmp_path, monkeypatch, extra=""):
+    monkeypatch.setattr(manager_mod, "make_backend", lambda alias, cfg: FakeBackend(alias, cfg))
+    s = load_settings(write(tmp_path, MINIMAL + "  b: {source: b/b}\n  c: {source: c/c}\n" + extra))
+    return ModelManager(s)
+
+
+def test_load_on_demand_off_answers_how_to_load(tmp_path, monkeypatch):
+    m = fake_manager(tmp_path, monkeypatch, "load_on_demand: false\n")
+
+    async def use():
+        async with m.use("a", CHAT):
+            pass
+
+    with pytest.raises(InvalidRequest) as info:
+        asyncio.run(use())
+    assert info.value.code == "model_not_loaded" and "/models/a/load" in info.value.message
+    with pytest.raises(ModelNotFound):
+        asyncio.run(m.load("nope"))
+
+
+def test_max_loaded_models_unloads_the_least_recently_used(tmp_path, monkeypatch):
+    m = fake_manager(tmp_path, monkeypatch, "limits: {max_loaded_models: 2}\n")
+
+    async def run():
+        await m.load("a")
+        await m.load("b")
+        async with m.use("a", CHAT):
+            pass  # a is now more recently used than b
+        await m.load("c")
+        return set(m.loaded)
+
+    assert asyncio.run(run()) == {"a", "c"}
