@@ -64,11 +64,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def context_length(self) -> int: ...
 
+    @abc.abstractmethod
+    def running_requests(self) -> int:
+        """Requests the engine itself is working on now (not the HTTP layer's count)."""
+
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
             "capabilities": sorted(self.capabilities()),
             "context_length": self.context_length(),
+            "running_requests": self.running_requests(),
         }
 
     # -- prompts ----------------------------------------------------------------------
@@ -93,11 +98,21 @@ class Backend(abc.ABC):
         raise NotImplementedError
 
 
-def apply_chat_template_fallback_error(alias: str) -> str:
-    return (
-        f"Model {alias!r} has no chat template, so it cannot serve /chat/completions; "
-        "use /completions with a plain prompt instead."
-    )
+def template_error(exc: Exception):
+    """A chat template refusing the messages (e.g. roles out of order) is the client's 400."""
+    from .errors import InvalidRequest
+
+    return InvalidRequest(f"The model's chat template rejected these messages: {exc}", param="messages")
+
+
+def hf_chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation through a Hugging Face tokenizer's chat template."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:
+        raise template_error(exc) from exc
+    # the template already wrote any special tokens (BOS) the model wants
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class IncrementalDetokenizer:
@@ -202,6 +217,12 @@ class EngineThread:
 
     def __init__(self, name: str):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self.active = 0  # generations queued or running on the thread
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.active += n
 
     async def call(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -226,7 +247,10 @@ class EngineThread:
                 emit(_END)
             except BaseException as exc:  # handed to the consumer
                 emit(_Failure(exc))
+            finally:
+                self._count(-1)
 
+        self._count(1)
         future = loop.run_in_executor(self._executor, run)
         try:
             while True:

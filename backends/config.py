@@ -115,7 +115,8 @@ class ModelConfig(_Strict):
         return str(name).lower().endswith(".gguf") or bool(self.gguf_file)
 
     def gpus(self) -> int:
-        if self.backend in (None, "vllm") and not self.is_gguf():
+        """GPUs this alias asks for: vLLM's tensor x pipeline parallel size."""
+        if self.backend == "vllm" or (self.backend is None and not self.is_gguf()):
             return self.vllm.tensor_parallel_size * self.vllm.pipeline_parallel_size
         return 0
 

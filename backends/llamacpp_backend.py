@@ -22,6 +22,7 @@ from .base import (
     Embeddings,
     EngineThread,
     SamplingParams,
+    template_error,
 )
 from .errors import EngineNotInstalled, InvalidRequest
 
@@ -89,6 +90,9 @@ class LlamaCppBackend(Backend):
             return {EMBEDDINGS}
         return {COMPLETION, CHAT} if self._formatter else {COMPLETION}
 
+    def running_requests(self) -> int:
+        return self._thread.active
+
     def context_length(self) -> int:
         return self.llm.n_ctx()
 
@@ -97,7 +101,10 @@ class LlamaCppBackend(Backend):
 
     async def encode_chat(self, messages):
         def render():
-            out = self._formatter(messages=messages)
+            try:
+                out = self._formatter(messages=messages)
+            except Exception as exc:
+                raise template_error(exc) from exc
             return self.llm.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
 
         return await self._thread.call(render)

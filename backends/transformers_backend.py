@@ -21,6 +21,7 @@ from .base import (
     EngineThread,
     IncrementalDetokenizer,
     SamplingParams,
+    hf_chat_ids,
 )
 from .errors import EngineNotInstalled, InvalidRequest
 
@@ -92,15 +93,14 @@ class TransformersBackend(Backend):
             caps.add(CHAT)
         return caps
 
+    def running_requests(self) -> int:
+        return self._thread.active
+
     def context_length(self) -> int:
         return self._ctx
 
     async def encode_chat(self, messages):
-        def render():
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-        return await self._thread.call(render)
+        return await self._thread.call(hf_chat_ids, self.tokenizer, messages)
 
     async def encode_text(self, text):
         return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])

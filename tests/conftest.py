@@ -19,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATIVE = ["smollm2", "smollm2-hf"]  # llama.cpp, Transformers
+ALL_GENERATIVE = GENERATIVE + ["smollm2-vllm"]  # + vLLM (loaded by the vllm fixture)
 STARTUP_TIMEOUT = float(os.environ.get("LLMSERVE_TEST_STARTUP_TIMEOUT", "300"))
 
 
@@ -70,7 +71,9 @@ def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-
     port = free_port()
     log = ROOT / ".cache" / f"{name}.log"
     log.parent.mkdir(exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_overrides or {})}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # room for every alias the suite loads, so no test sees another model evicted
+           "LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8", **(env_overrides or {})}
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = subprocess.Popen(
         [str(bentoml), "serve", "service:LLMService", "--host", "127.0.0.1", "--port", str(port)],
@@ -112,6 +115,14 @@ def server():
     s = start_server()
     yield s
     stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def vllm_loaded(server):
+    """Loads smollm2-vllm once (the engine takes ~30-60 s to start on CPU)."""
+    r = httpx.post(f"{server.url}/models/smollm2-vllm/load", timeout=600)
+    assert r.status_code == 200, r.text
+    return "smollm2-vllm"
 
 
 @pytest.fixture(scope="session")

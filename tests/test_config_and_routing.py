@@ -119,6 +119,9 @@ class FakeBackend(Backend):
     def context_length(self):
         return 100
 
+    def running_requests(self):
+        return 0
+
     async def encode_chat(self, messages):
         return [1, 2, 3]
 

@@ -1,0 +1,138 @@
+"""vLLM through its async engine (AsyncLLM, the engine behind vLLM's own OpenAI server).
+
+Many requests are in flight at once and batched continuously by the engine. Prompts
+arrive as token ids (rendered with the tokenizer's chat template by encode_chat), so
+the engine does no second tokenization. Closing a stream aborts its request in the
+engine at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, hf_chat_ids
+from .config import VllmArgs
+from .convert import gguf_to_hf_dir
+from .errors import EngineNotInstalled, InvalidRequest
+
+log = logging.getLogger("llmserve")
+
+# alias keys that map one-to-one onto vllm.AsyncEngineArgs fields
+_ENGINE_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "quantization", "swap_space",
+                  "gpu_memory_utilization", "max_model_len", "dtype", "enforce_eager", "load_format",
+                  "max_num_seqs", "seed")
+
+
+def engine_kwargs(args: VllmArgs, model: str, engine_fields: set[str]) -> dict:
+    """AsyncEngineArgs keyword arguments for an alias; unknown names fail, naming them."""
+    kwargs = {"model": model, "tokenizer": model}
+    for name in _ENGINE_FIELDS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in engine_fields:
+            if name == "swap_space":  # removed from newer vLLM releases: nothing to size
+                log.warning("this vLLM has no swap_space setting; ignoring swap_space=%s", value)
+                continue
+            raise InvalidRequest(f"vllm.{name} is not an engine argument of the installed vLLM", param=name)
+        kwargs[name] = value
+    unknown = sorted(set(args.extra) - engine_fields)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown vLLM engine argument(s) in vllm.extra: {', '.join(unknown)}", param="vllm.extra"
+        )
+    kwargs.update(args.extra)
+    return kwargs
+
+
+class VllmBackend(Backend):
+    name = "vllm"
+
+    engine = None
+
+    async def load(self) -> None:
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError:
+            raise EngineNotInstalled("vllm", "vllm", self.alias) from None
+        import vllm
+
+        self._vllm = vllm
+        location = self.config.location()
+        if isinstance(location, Path) and location.suffix == ".gguf":
+            location = await asyncio.to_thread(gguf_to_hf_dir, location)
+        args = self.config.vllm
+        fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        kwargs = engine_kwargs(args, str(location), fields)
+        if self.config.tokenizer:
+            kwargs["tokenizer"] = self.config.tokenizer
+        if args.kv_cache_space_gib is not None:  # CPU backend: KV cache size in GiB
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(args.kv_cache_space_gib))
+        try:
+            engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"invalid vLLM engine arguments for {self.alias!r}: {exc}") from exc
+        # building the engine blocks while its engine-core process starts: off the loop
+        self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
+        self.tokenizer = self.engine.get_tokenizer()
+        self._ctx = self.engine.model_config.max_model_len
+
+    async def unload(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
+        gc.collect()
+
+    def capabilities(self) -> set[str]:
+        caps = {COMPLETION}
+        if getattr(self.tokenizer, "chat_template", None):
+            caps.add(CHAT)
+        return caps
+
+    def context_length(self) -> int:
+        return self._ctx
+
+    def running_requests(self) -> int:
+        return self.engine.get_num_unfinished_requests() if self.engine else 0
+
+    async def encode_chat(self, messages):
+        return hf_chat_ids(self.tokenizer, messages)
+
+    async def encode_text(self, text):
+        return self.tokenizer(text)["input_ids"]
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = VSamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k or 0,
+            seed=params.seed,
+            stop=params.stop or None,
+            ignore_eos=params.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        request_id = uuid.uuid4().hex
+        count, finished = 0, False
+        try:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id):
+                c = out.outputs[0]
+                count += len(c.token_ids)
+                finished = out.finished
+                reason = (c.finish_reason if c.finish_reason in ("stop", "length") else "stop") if finished else None
+                yield Delta(c.text, count, reason)
+        finally:
+            if not finished:  # client gone or stop found by us: free the engine at once
+                await self.engine.abort(request_id)
