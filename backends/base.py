@@ -115,6 +115,19 @@ def hf_chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def release_memory() -> None:
+    """After an unload: collect the model's objects and hand freed heap back to the OS
+    (glibc keeps freed arenas otherwise, and the process would not shrink)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, never splitting a character.
 

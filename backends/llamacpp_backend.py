@@ -8,7 +8,6 @@ stream stops the engine at the next token.
 
 from __future__ import annotations
 
-import gc
 import os
 from typing import AsyncIterator
 
@@ -22,6 +21,7 @@ from .base import (
     Embeddings,
     EngineThread,
     SamplingParams,
+    release_memory,
     template_error,
 )
 from .errors import EngineNotInstalled, InvalidRequest
@@ -83,7 +83,7 @@ class LlamaCppBackend(Backend):
         if self.llm is not None:
             self.llm.close()
         self.llm = None
-        gc.collect()
+        release_memory()
 
     def capabilities(self) -> set[str]:
         if self.config.task == "embed":

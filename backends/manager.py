@@ -53,6 +53,7 @@ class ModelManager:
         self._in_flight: dict[str, int] = {a: 0 for a in settings.models}
         self._last_used: dict[str, float] = {}
         self._loading: set[str] = set()
+        self.errors: dict[str, str] = {}  # alias -> why its last load failed
 
     # -- lookup -------------------------------------------------------------------------
     def config(self, alias: str) -> ModelConfig:
@@ -74,6 +75,7 @@ class ModelManager:
                 "task": cfg.task,
                 "loaded": backend is not None,
                 "loading": alias in self._loading,
+                "error": self.errors.get(alias),
                 "source": cfg.source or f"{cfg.package.package}/{cfg.package.path}",
             }
             if backend is not None:
@@ -83,9 +85,14 @@ class ModelManager:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def preload(self) -> None:
+        """Loads the preload aliases; one that fails is logged and listed with its error,
+        and the others still load."""
         for alias, cfg in self.settings.models.items():
             if cfg.preload:
-                await self.load(alias)
+                try:
+                    await self.load(alias)
+                except Exception as exc:
+                    log.error("preloading %s failed: %s", alias, exc)
 
     async def load(self, alias: str) -> dict[str, Any]:
         cfg = self.config(alias)
@@ -98,13 +105,16 @@ class ModelManager:
             started = time.perf_counter()
             try:
                 await backend.load()
-            except APIError:
+            except APIError as exc:
+                self.errors[alias] = exc.message
                 raise
             except Exception as exc:
                 log.exception("loading %s failed", alias)
-                raise EngineError(f"Loading model {alias!r} failed: {type(exc).__name__}: {exc}") from exc
+                self.errors[alias] = f"{type(exc).__name__}: {exc}"
+                raise EngineError(f"Loading model {alias!r} failed: {self.errors[alias]}") from exc
             finally:
                 self._loading.discard(alias)
+            self.errors.pop(alias, None)
             self.loaded[alias] = backend
             self._last_used[alias] = time.monotonic()
             log.info("loaded %s (%s) in %.1f s", alias, backend.name, time.perf_counter() - started)

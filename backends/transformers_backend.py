@@ -7,7 +7,6 @@ streaming its tokens as they come.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -21,6 +20,7 @@ from .base import (
     EngineThread,
     IncrementalDetokenizer,
     SamplingParams,
+    release_memory,
     hf_chat_ids,
 )
 from .errors import EngineNotInstalled, InvalidRequest
@@ -83,7 +83,7 @@ class TransformersBackend(Backend):
 
     def _unload_sync(self) -> None:
         self.model = self.tokenizer = None
-        gc.collect()
+        release_memory()
 
     def capabilities(self) -> set[str]:
         if self.config.task == "embed":

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import os
 import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, hf_chat_ids
+from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, hf_chat_ids, release_memory
 from .config import VllmArgs
 from .convert import gguf_to_hf_dir
 from .errors import EngineNotInstalled, InvalidRequest
@@ -89,7 +88,7 @@ class VllmBackend(Backend):
         engine, self.engine = self.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
-        gc.collect()
+        release_memory()
 
     def capabilities(self) -> set[str]:
         caps = {COMPLETION}

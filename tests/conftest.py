@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-
     log.parent.mkdir(exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            # room for every alias the suite loads, so no test sees another model evicted
-           "LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8", **(env_overrides or {})}
+           "LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8",
+           # every `bentoml serve` wipes $BENTOML_HOME/prometheus_multiproc_dir at start: a home
+           # of its own keeps another server (the benchmark tests start some) off its metrics
+           "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"), **(env_overrides or {})}
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = subprocess.Popen(
         [str(bentoml), "serve", "service:LLMService", "--host", "127.0.0.1", "--port", str(port)],

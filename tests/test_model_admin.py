@@ -24,21 +24,17 @@ def test_list_shows_every_alias_with_backend_and_state(http):
 
 def test_unload_frees_memory_and_reload_serves(server, http):
     alias = "smollm2-hf"  # ~540 MB of float32 weights
-    http.post(f"/models/{alias}/unload")
-    time.sleep(1)
-    before = server.rss_bytes()
     r = http.post(f"/v1/models/{alias}/load")
     assert r.status_code == 200 and r.json()["loaded"] is True and r.json()["backend"] == "transformers"
     assert row(http, alias)["loaded"] is True
+    time.sleep(1)
     loaded = server.rss_bytes()
-    assert loaded - before > 300 * MIB, f"loading grew RSS by only {(loaded - before) / MIB:.0f} MiB"
 
     r = http.post(f"/models/{alias}/unload")
     assert r.status_code == 200 and r.json() == {"id": alias, "loaded": False, "was_loaded": True}
     time.sleep(1)
-    after = server.rss_bytes()
-    grown = (after - before) / MIB
-    assert after - before < 0.25 * (loaded - before), f"RSS still {grown:.0f} MiB above its level before the load"
+    freed = (loaded - server.rss_bytes()) / MIB
+    assert freed > 400, f"unloading {alias} gave back only {freed:.0f} MiB of its ~540 MiB of weights"
     assert row(http, alias)["loaded"] is False
     assert http.post(f"/models/{alias}/unload").json()["was_loaded"] is False
 

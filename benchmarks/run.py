@@ -1,0 +1,349 @@
+"""Side-by-side throughput matrix: this service against the raw engines it wraps.
+
+    .venv/bin/python benchmarks/run.py                       # all backends, c = 1 8 32, 30 s a cell
+    .venv/bin/python benchmarks/run.py --quick               # llama.cpp, c = 1 8, a few seconds a cell
+    .venv/bin/python benchmarks/run.py --backends vllm --concurrency 1 8 32 --duration 60
+    .venv/bin/python benchmarks/run.py --calibrate           # the load generator against a stub
+
+Each cell (backend x concurrency x target) gets a fresh server on 127.0.0.1, the same model
+and settings: target `service` is `bentoml serve` with only that alias loaded, target `raw`
+is the engine's own OpenAI server (vLLM's api_server, llama_cpp.server with
+interrupt_requests off; Transformers has none). Locust streams chats at the cell's
+concurrency; the figures go to benchmarks/results/<timestamp>/: results.json, results.md,
+tok_s.png, ttft.png, and locust's CSV and HTML report per cell. Cells that fail are kept as
+failures; the command then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from backends.config import load_settings  # noqa: E402
+
+BACKEND_ALIAS = {"llamacpp": "smollm2", "transformers": "smollm2-hf", "vllm": "smollm2-vllm"}
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Cell:
+    backend: str
+    target: str
+    concurrency: int
+    ok: bool = False
+    error: str = ""
+    requests: int = 0
+    failures: int = 0
+    output_tokens: int = 0
+    tok_s: float = 0.0
+    ttft_p50: float = 0.0
+    ttft_p95: float = 0.0
+    itl_p50: float = 0.0
+    itl_p95: float = 0.0
+    startup_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+# -- servers ------------------------------------------------------------------------------
+class Server:
+    def __init__(self, cmd: list[str], port: int, log_path: Path, env: dict, ready_path: str):
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log_path.open("wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.ready_path = ready_path
+
+    def wait_ready(self, timeout: float) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def service_server(alias: str, config_path: Path | None, log_path: Path) -> Server:
+    """bentoml serve with a configuration where only ``alias`` is preloaded."""
+    settings = load_settings(config_path)
+    data = yaml.safe_load(Path(config_path or ROOT / "configuration.yaml").read_text())
+    for name, model in data["models"].items():
+        model["preload"] = name == alias
+    data["default_model"] = alias
+    if settings.models[alias].task != "generate":
+        data["embedding_model"] = alias
+    cfg = Path(tempfile.mkstemp(prefix="bench-config-", suffix=".yaml")[1])
+    cfg.write_text(yaml.safe_dump(data))
+    port = free_port()
+    cmd = [str(BIN / "bentoml"), "serve", "service:LLMService", "--host", "127.0.0.1", "--port", str(port)]
+    # a BENTOML_HOME of its own: `bentoml serve` wipes the Prometheus folder there at start,
+    # which would break the metrics of any other server sharing it
+    env = {"LLMSERVE_CONFIG": str(cfg), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": tempfile.mkdtemp(prefix="bench-home-")}
+    return Server(cmd, port, log_path, env, "/readyz")
+
+
+def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Path) -> Server | None:
+    """The engine's own OpenAI server, with the alias's model and settings."""
+    cfg = load_settings(config_path).models[alias]
+    port = free_port()
+    location = cfg.location()
+    if backend == "llamacpp":
+        a = cfg.llamacpp
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(location), "--host", "127.0.0.1",
+               "--port", str(port), "--n_ctx", str(a.n_ctx), "--n_batch", str(a.n_batch),
+               "--n_gpu_layers", str(a.n_gpu_layers), "--interrupt_requests", "False",
+               "--model_alias", alias]
+        if a.n_threads:
+            cmd += ["--n_threads", str(a.n_threads)]
+        return Server(cmd, port, log_path, {}, "/v1/models")
+    if backend == "vllm":
+        from backends.convert import gguf_to_hf_dir
+        from backends.vllm_backend import _ENGINE_FIELDS
+
+        if str(location).endswith(".gguf"):
+            location = gguf_to_hf_dir(Path(location))
+        a = cfg.vllm
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(location),
+               "--served-model-name", alias, "--host", "127.0.0.1", "--port", str(port),
+               "--disable-log-stats"]
+        for name in _ENGINE_FIELDS:
+            value = getattr(a, name)
+            if value is None or name == "swap_space":
+                continue
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                cmd += [flag] if value else []
+            else:
+                cmd += [flag, str(value)]
+        for name, value in a.extra.items():
+            cmd += ["--" + name.replace("_", "-"), str(value)]
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(a.kv_cache_space_gib))} if a.kv_cache_space_gib else {}
+        return Server(cmd, port, log_path, env, "/health")
+    return None  # Transformers has no server of its own
+
+
+def stub_server(rate: float, log_path: Path) -> Server:
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "stub_server.py"), "--port", str(port), "--rate", str(rate)]
+    return Server(cmd, port, log_path, {}, "/health")
+
+
+# -- one cell -----------------------------------------------------------------------------
+def run_locust(url: str, model: str, concurrency: int, duration: float, args, out: Path) -> tuple[list, dict]:
+    records = out / "records"
+    processes = max(1, min(args.locust_processes, concurrency // 16 or 1))
+    cmd = [str(BIN / "locust"), "-f", str(ROOT / "benchmarks" / "locustfile.py"), "ChatUser", "--headless",
+           "-H", url, "-u", str(concurrency), "-r", str(concurrency), "-t", f"{int(duration)}s",
+           "--stop-timeout", str(int(args.stop_timeout)), "--csv", str(out / "locust"),
+           "--html", str(out / "locust.html"), "--only-summary", "--loglevel", "WARNING",
+           "--model", model, "--prompt-words", str(args.prompt_words), "--output-tokens", str(args.output_tokens),
+           "--records-dir", str(records)]
+    if processes > 1:
+        cmd += ["--processes", str(processes)]
+    subprocess.run(cmd, cwd=ROOT, stdout=(out / "locust.log").open("wb"), stderr=subprocess.STDOUT,
+                   timeout=duration + args.stop_timeout + 120)
+    rows = []
+    for f in records.glob("*.jsonl"):
+        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return rows, {"locust_processes": processes}
+
+
+def summarize(cell: Cell, rows: list[dict]) -> None:
+    good = [r for r in rows if "error" not in r]
+    cell.requests, cell.failures = len(rows), len(rows) - len(good)
+    if not good:
+        cell.error = cell.error or (rows[0]["error"] if rows else "no request finished")
+        return
+    cell.output_tokens = sum(r["tokens"] for r in good)
+    span = max(r["start"] + r["latency"] for r in good) - min(r["start"] for r in good)
+    cell.tok_s = cell.output_tokens / span if span > 0 else 0.0
+    ttft = [r["ttft"] for r in good]
+    itl = [r["itl"] for r in good if r["tokens"] > 1]
+    cell.ttft_p50, cell.ttft_p95 = pct(ttft, 0.5), pct(ttft, 0.95)
+    cell.itl_p50, cell.itl_p95 = pct(itl, 0.5), pct(itl, 0.95)
+    cell.extra["mean_tokens_per_request"] = statistics.mean(r["tokens"] for r in good)
+    cell.ok = cell.failures == 0
+
+
+def run_cell(backend: str, target: str, c: int, args, out_root: Path) -> Cell:
+    cell = Cell(backend, target, c)
+    out = out_root / f"{backend}-{target}-c{c}"
+    out.mkdir(parents=True)
+    alias = BACKEND_ALIAS[backend]
+    if target == "stub":
+        server = stub_server(args.stub_rate, out / "server.log")
+    elif target == "service":
+        server = service_server(alias, args.config, out / "server.log")
+    else:
+        server = raw_server(backend, alias, args.config, out / "server.log")
+    try:
+        cell.startup_s = server.wait_ready(args.startup_timeout)
+        log(f"  {backend}/{target} c={c}: server up in {cell.startup_s:.1f} s, load for {args.duration:.0f} s")
+        rows, extra = run_locust(server.url, alias, c, args.duration, args, out)
+        cell.extra.update(extra)
+        summarize(cell, rows)
+    except Exception as exc:  # keep going: a failed cell is reported, not fatal
+        cell.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        server.stop()
+    status = "ok" if cell.ok else f"FAILED ({cell.error or f'{cell.failures} failed requests'})"
+    log(f"  {backend}/{target} c={c}: {cell.tok_s:.1f} tok/s, TTFT p50 {cell.ttft_p50 * 1000:.0f} ms, "
+        f"{cell.requests} requests, {status}")
+    return cell
+
+
+# -- reports ------------------------------------------------------------------------------
+def write_reports(cells: list[Cell], out: Path, meta: dict) -> None:
+    (out / "results.json").write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=2))
+    raw = {(c.backend, c.concurrency): c for c in cells if c.target == "raw" and c.ok}
+    lines = [f"# Benchmark {meta['started']}", "", f"`{meta['command']}`", "",
+             f"Prompt ~{meta['prompt_words']} words, {meta['output_tokens']} output tokens (ignore_eos), "
+             f"{meta['duration']:.0f} s a cell, fresh server per cell, locust on 127.0.0.1.", "",
+             "| backend | target | conc. | tok/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) | ITL p95 (ms) "
+             "| requests | failures | service / raw |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in cells:
+        ratio = ""
+        if c.target == "service" and (c.backend, c.concurrency) in raw and c.ok:
+            ratio = f"{c.tok_s / raw[(c.backend, c.concurrency)].tok_s:.2f}"
+        fail = str(c.failures) if not c.error else f"{c.failures} ({c.error[:60]})"
+        lines.append(f"| {c.backend} | {c.target} | {c.concurrency} | {c.tok_s:.1f} | {c.ttft_p50 * 1000:.0f} | "
+                     f"{c.ttft_p95 * 1000:.0f} | {c.itl_p50 * 1000:.1f} | {c.itl_p95 * 1000:.1f} | {c.requests} | "
+                     f"{fail} | {ratio} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for metric, label, fname in (("tok_s", "output tokens/s", "tok_s.png"),
+                                 ("ttft_p50", "TTFT p50 (s)", "ttft.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for key in sorted({(c.backend, c.target) for c in cells}):
+            pts = sorted((c.concurrency, getattr(c, metric)) for c in cells
+                         if (c.backend, c.target) == key and c.ok)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} / {key[1]}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streaming chats")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", nargs="+", default=["llamacpp", "transformers", "vllm"])
+    p.add_argument("--targets", nargs="+", default=["service", "raw"], choices=["service", "raw"])
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load per cell")
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=32)
+    p.add_argument("--config", type=Path, default=None, help="configuration.yaml to take the aliases from")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<time>)")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--stop-timeout", type=float, default=120.0, help="seconds locust lets running requests finish")
+    p.add_argument("--locust-processes", type=int, default=os.cpu_count() or 1,
+                   help="most locust processes per cell (one per 16 users)")
+    p.add_argument("--quick", action="store_true", help="llama.cpp only, c = 1 and 8, 5 s a cell")
+    p.add_argument("--calibrate", action="store_true",
+                   help="run the load generator against a stub streaming at --stub-rate tokens/s per request")
+    p.add_argument("--stub-rate", type=float, default=200.0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.backends, args.concurrency, args.duration, args.output_tokens = ["llamacpp"], [1, 8], 5.0, 16
+    unknown = [b for b in args.backends if b not in BACKEND_ALIAS]
+    if unknown:
+        p.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKEND_ALIAS)}")
+    if any(c < 1 for c in args.concurrency):
+        p.error("every --concurrency must be at least 1")
+    if args.duration <= 0:
+        p.error("--duration must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or ROOT / "benchmarks" / "results" / started
+    out.mkdir(parents=True, exist_ok=True)
+    plan = ([("stub", "stub", c) for c in args.concurrency] if args.calibrate else
+            [(b, t, c) for b in args.backends for t in args.targets for c in args.concurrency
+             if not (t == "raw" and b == "transformers")])
+    meta = {"started": started, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+            "duration": args.duration, "output_tokens": args.output_tokens, "prompt_words": args.prompt_words,
+            "stub_rate": args.stub_rate if args.calibrate else None, "cpus": os.cpu_count()}
+    log(f"{len(plan)} cells -> {out}")
+    cells = []
+    for i, (backend, target, c) in enumerate(plan, 1):
+        log(f"cell {i}/{len(plan)}: {backend} / {target} / concurrency {c}")
+        if args.calibrate:
+            BACKEND_ALIAS.setdefault("stub", "stub")
+        cells.append(run_cell(backend, target, c, args, out))
+        write_reports(cells, out, meta)  # keep what is finished, whatever happens next
+    if args.calibrate:
+        for c in cells:
+            expected = c.concurrency * args.stub_rate
+            log(f"calibration c={c.concurrency}: measured {c.tok_s:.0f} tok/s of {expected:.0f} offered "
+                f"({c.tok_s / expected:.0%})")
+    print((out / "results.md").read_text())
+    failed = [c for c in cells if not c.ok]
+    if failed:
+        log(f"{len(failed)} of {len(cells)} cells failed: " + ", ".join(f"{c.backend}/{c.target}/c{c.concurrency}"
+                                                                        for c in failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
