@@ -61,6 +61,8 @@ class TransformersArgs(_Strict):
     max_context: Optional[int] = Field(None, ge=16)
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
+    # benchmarks at real shapes: build the model from its config with random weights
+    random_weights: bool = False
 
 
 class VllmArgs(_Strict):

@@ -65,7 +65,12 @@ class TransformersBackend(Backend):
             model_kwargs["device_map"] = args.device_map
         self.tokenizer = tf.AutoTokenizer.from_pretrained(self.config.tokenizer or location, **kwargs)
         auto = tf.AutoModel if self.config.task == "embed" else tf.AutoModelForCausalLM
-        self.model = auto.from_pretrained(location, **model_kwargs).eval()
+        if args.random_weights:  # like vLLM's load_format=dummy: real shapes, random weights
+            config = tf.AutoConfig.from_pretrained(location, **kwargs)
+            with torch.device(args.device_map or "cpu"):  # built where it runs, not copied there
+                self.model = auto.from_config(config, dtype=model_kwargs.get("dtype", torch.float32)).eval()
+        else:
+            self.model = auto.from_pretrained(location, **model_kwargs).eval()
         cfg = self.model.config
         ctx = args.max_context or getattr(cfg, "max_position_embeddings", None) or 2048
         if self.config.task == "embed":
@@ -131,7 +136,7 @@ class TransformersBackend(Backend):
 
         class Cancelled(tf.StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled(), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), cancelled(), dtype=torch.bool, device=input_ids.device)
 
         sample = params.temperature > 0
         gen_kwargs = dict(
