@@ -53,7 +53,11 @@ class RequestMetrics:
         self.start = self.last = time.perf_counter()
         self.tokens = 0
         self.done = False
-        REQUESTS_RUNNING.labels(model=model).inc()
+        # the labelled children, looked up once: on_delta runs for every token
+        self._running = REQUESTS_RUNNING.labels(model=model)
+        self._ttft, self._itl = TTFT.labels(model=model), ITL.labels(model=model)
+        self._generated = GENERATION_TOKENS.labels(model=model)
+        self._running.inc()
         PROMPT_TOKENS.labels(model=model).inc(prompt_tokens)
 
     def on_delta(self, d: Delta) -> None:
@@ -62,17 +66,17 @@ class RequestMetrics:
             return
         now = time.perf_counter()
         if self.tokens == 0:
-            TTFT.labels(model=self.model).observe(now - self.start)
+            self._ttft.observe(now - self.start)
         else:
             # one observation per token; a delta carrying several spreads its gap evenly
             for _ in range(new):
-                ITL.labels(model=self.model).observe((now - self.last) / new)
+                self._itl.observe((now - self.last) / new)
         self.tokens, self.last = d.completion_tokens, now
-        GENERATION_TOKENS.labels(model=self.model).inc(new)
+        self._generated.inc(new)
 
     def finish(self, status: str) -> None:
         if self.done:
             return
         self.done = True
-        REQUESTS_RUNNING.labels(model=self.model).dec()
+        self._running.dec()
         REQUESTS_TOTAL.labels(model=self.model, status=status).inc()

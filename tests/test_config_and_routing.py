@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ from backends.base import CHAT, COMPLETION, Backend, Delta
 from backends.config import ConfigError, ModelConfig, load_settings
 from backends.errors import EngineNotInstalled, InvalidRequest, ModelNotFound
 from backends.manager import ModelManager, choose_backend, make_backend
+
+ROOT_CONFIG = Path(__file__).resolve().parent.parent / "configuration.yaml"
 
 MINIMAL = """
 default_model: a
@@ -164,3 +167,40 @@ def test_max_loaded_models_unloads_the_least_recently_used(tmp_path, monkeypatch
         return set(m.loaded)
 
     assert asyncio.run(run()) == {"a", "c"}
+
+
+def _engine_fields():
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+def test_tensor_parallel_alias_maps_to_engine_args_and_gpu_resources(tmp_path):
+    """The llama3-70b path without two GPUs: config -> vLLM engine arguments -> service resources."""
+    from backends.vllm_backend import engine_kwargs
+
+    shipped = load_settings()
+    big = shipped.models["llama3-70b"]
+    kwargs = engine_kwargs(big.vllm, "meta-llama/Meta-Llama-3-70B-Instruct", _engine_fields())
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["model"] == "meta-llama/Meta-Llama-3-70B-Instruct"
+    assert kwargs["max_model_len"] == 8192 and kwargs["gpu_memory_utilization"] == 0.9
+    assert "pipeline_parallel_size" in kwargs and "load_format" not in kwargs  # unset keys stay vLLM's defaults
+    assert big.gpus() == 2 and shipped.models["llama3-8b"].gpus() == 1
+
+    text = (ROOT_CONFIG.read_text().replace("preload: true", "preload: false")
+            .replace("description: Llama 3 70B Instruct across two GPUs", "preload: true"))
+    s = load_settings(write(tmp_path, text))
+    assert s.service_resources() == {"gpu": 2}
+
+
+def test_unknown_vllm_engine_argument_is_named():
+    from backends.vllm_backend import engine_kwargs
+
+    args = ModelConfig(source="x/y", vllm={"extra": {"enable_prefix_caching": True, "warp_drive": 9}}).vllm
+    with pytest.raises(InvalidRequest, match="warp_drive"):
+        engine_kwargs(args, "x/y", _engine_fields())
+    ok = ModelConfig(source="x/y", vllm={"extra": {"enable_prefix_caching": True}, "load_format": "dummy"}).vllm
+    kwargs = engine_kwargs(ok, "x/y", _engine_fields())
+    assert kwargs["enable_prefix_caching"] is True and kwargs["load_format"] == "dummy"
