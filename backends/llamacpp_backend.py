@@ -1,30 +1,43 @@
 """llama.cpp through llama-cpp-python: GGUF models on CPU (or GPU layers).
 
-A ``Llama`` object is not thread-safe, so every call on it runs on the model's one
-EngineThread: requests are served one at a time, off the event loop. Generation is
-driven token by token (``Llama.generate``) so usage counts are exact and a closed
-stream stops the engine at the next token.
+Generation runs the way llama.cpp's own server does it, with slots: one context holds
+``parallel`` sequences, and one scheduler thread (the only thing that touches the context)
+builds one batch per step from the next token of every decoding sequence plus a chunk of
+the prompt of newly admitted ones, decodes it with one ``llama_decode``, and samples each
+sequence with its own sampler chain. A finished or cancelled sequence frees its slot at
+once; a slot keeps its tokens in the KV cache so that the next prompt with the same prefix
+only prefills what differs (llama.cpp's ``cache_prompt``).
+
+Embedding aliases use llama-cpp-python's ``Llama.embed`` on the model's engine thread,
+with concurrent requests joined into one call (EmbeddingBatcher).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import os
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
 
-from .base import (
+from backends.base import (
     CHAT,
     COMPLETION,
     EMBEDDINGS,
     Backend,
     ByteDetokenizer,
     Delta,
+    EmbeddingBatcher,
     Embeddings,
     EngineThread,
     SamplingParams,
+    StepLoop,
+    StepRequest,
     release_memory,
     template_error,
 )
-from .errors import EngineNotInstalled, InvalidRequest
+from backends.convert import gguf_requantize
+from llmserve.errors import EngineNotInstalled, InvalidRequest
 
 _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", "last": "LLAMA_POOLING_TYPE_LAST"}
 
@@ -32,7 +45,9 @@ _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
 
-    llm = None
+    llm = None  # embedding aliases: a Llama object
+    model = None  # generation aliases: the model, and a Scheduler owning the context
+    scheduler: Optional["Scheduler"] = None
 
     async def load(self) -> None:
         try:
@@ -43,46 +58,60 @@ class LlamaCppBackend(Backend):
         self._thread = EngineThread(f"llamacpp-{self.alias}")
         await self._thread.call(self._load_sync)
 
-    def _load_sync(self) -> None:
-        lib = self._lib
-        args = self.config.llamacpp
+    def _model_path(self) -> str:
         path = self.config.location()
         if self.config.gguf_file:
             path = os.path.join(path, self.config.gguf_file)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        kwargs = dict(
-            model_path=str(path),
-            n_ctx=args.n_ctx,
-            n_batch=args.n_batch,
-            n_gpu_layers=args.n_gpu_layers,
-            n_threads=args.n_threads or max(1, os.cpu_count() or 1),
-            verbose=False,
-        )
+        if self.config.llamacpp.quantize:
+            path = gguf_requantize(path, self.config.llamacpp.quantize)
+        return str(path)
+
+    def _load_sync(self) -> None:
+        lib = self._lib
+        args = self.config.llamacpp
+        path = self._model_path()
+        threads = args.n_threads or max(1, os.cpu_count() or 1)
         if self.config.task == "embed":
-            kwargs.update(embedding=True, pooling_type=getattr(lib, _POOLING[args.pooling]))
-        self.llm = lib.Llama(**kwargs)
+            self.llm = lib.Llama(model_path=path, n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
+                                 n_threads=threads, verbose=False, embedding=True,
+                                 pooling_type=getattr(lib, _POOLING[args.pooling]))
+            self._embedder = EmbeddingBatcher(lambda inputs: self._thread.call(self._embed_sync, inputs))
+            return
+        from llama_cpp._internals import LlamaModel
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp's own log lines only for errors
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = args.n_gpu_layers
+        self.model = LlamaModel(path_model=path, params=mparams, verbose=False)
+        self.scheduler = Scheduler(lib, self.model, args.parallel, args.n_ctx, args.n_batch, threads,
+                                   name=f"llamacpp-slots-{self.alias}")
         self._formatter = None
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if template and self.config.task == "generate":
+        template = self.model.metadata().get("tokenizer.chat_template")
+        if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-            vocab = self.llm._model
             self._formatter = Jinja2ChatFormatter(
                 template=template,
-                eos_token=vocab.token_get_text(self.llm.token_eos()),
-                bos_token=vocab.token_get_text(self.llm.token_bos()),
+                eos_token=self.model.token_get_text(self.model.token_eos()),
+                bos_token=self.model.token_get_text(self.model.token_bos()),
                 add_generation_prompt=True,
             )
 
     async def unload(self) -> None:
+        if self.scheduler is not None:
+            await asyncio.to_thread(self.scheduler.close)
         await self._thread.call(self._unload_sync)
         self._thread.shutdown()
 
     def _unload_sync(self) -> None:
         if self.llm is not None:
             self.llm.close()
-        self.llm = None
+        if self.model is not None:
+            self.model.close()
+        self.llm = self.model = self.scheduler = None
         release_memory()
 
     def capabilities(self) -> set[str]:
@@ -91,66 +120,42 @@ class LlamaCppBackend(Backend):
         return {COMPLETION, CHAT} if self._formatter else {COMPLETION}
 
     def running_requests(self) -> int:
-        return self._thread.active
+        return self.scheduler.busy() if self.scheduler else self._thread.active
 
     def context_length(self) -> int:
-        return self.llm.n_ctx()
+        return self.scheduler.n_ctx_seq if self.scheduler else self.llm.n_ctx()
 
-    def _is_eog(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self.llm._model.vocab, token))
+    def describe(self):
+        info = super().describe()
+        if self.scheduler:
+            info.update(parallel=self.scheduler.n_slots, queued_requests=self.scheduler.queued())
+        else:
+            info.update(embedding_batches=self._embedder.batches)
+        return info
 
+    # -- prompts: the vocabulary is read-only, so tokenizing runs beside the scheduler ------
     async def encode_chat(self, messages):
         def render():
             try:
                 out = self._formatter(messages=messages)
             except Exception as exc:
                 raise template_error(exc) from exc
-            return self.llm.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
+            return self.model.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
 
-        return await self._thread.call(render)
+        return await asyncio.to_thread(render)
 
     async def encode_text(self, text):
-        return await self._thread.call(lambda: self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+        return await asyncio.to_thread(self.model.tokenize, text.encode("utf-8"), True, False)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        return self._thread.stream(lambda emit, cancelled: self._generate_sync(prompt_ids, params, emit, cancelled))
+        return self.scheduler.stream(prompt_ids, params)
 
-    def _generate_sync(self, prompt_ids, params: SamplingParams, emit, cancelled) -> None:
-        llm = self.llm
-        if params.seed is not None:
-            llm.set_seed(params.seed)
-        detok = ByteDetokenizer()
-        count, reason = 0, "length"
-        previous = list(prompt_ids)
-        for token in llm.generate(
-            prompt_ids,
-            temp=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k or 0,  # 0: no top-k cut, as OpenAI's API means
-            min_p=0.0,
-            repeat_penalty=1.0,
-            reset=True,
-        ):
-            count += 1
-            if self._is_eog(token) and not params.ignore_eos:
-                reason = "stop"
-                emit(Delta("", count))
-                break
-            text = detok.add(llm.detokenize([token], prev_tokens=previous, special=False))
-            previous.append(token)
-            emit(Delta(text, count))
-            if count >= params.max_tokens or cancelled():
-                reason = "length" if count >= params.max_tokens else "stop"
-                break
-            if len(previous) >= llm.n_ctx():
-                break
-        emit(Delta("", count, reason))
-
+    # -- embeddings ---------------------------------------------------------------------------
     async def embed(self, inputs: list[str]) -> Embeddings:
-        return await self._thread.call(self._embed_sync, inputs)
+        return await self._embedder.embed(inputs)
 
     def _embed_sync(self, inputs: list[str]) -> Embeddings:
-        n_tokens = 0
+        tokens = []
         for i, text in enumerate(inputs):
             n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.llm.n_ctx():
@@ -159,6 +164,170 @@ class LlamaCppBackend(Backend):
                     param="input",
                     code="context_length_exceeded",
                 )
-            n_tokens += n
+            tokens.append(n)
         vectors = self.llm.embed(inputs, normalize=True)
-        return Embeddings([list(map(float, v)) for v in vectors], n_tokens)
+        return Embeddings([list(map(float, v)) for v in vectors], tokens)
+
+
+@dataclass
+class Slot:
+    seq: int
+    request: Optional[StepRequest] = None
+    cached: list[int] = field(default_factory=list)  # tokens whose KV entries this sequence holds
+    prefilled: int = 0  # prompt tokens in the KV cache so far
+    next_token: Optional[int] = None  # sampled, not yet decoded
+    generated: int = 0
+    sampler: object = None
+    detok: Optional[ByteDetokenizer] = None
+
+
+class Scheduler(StepLoop):
+    """The slot loop: one thread, one context, one ``llama_decode`` per step for all slots."""
+
+    def __init__(self, lib, model, n_slots: int, n_ctx_seq: int, n_batch: int, threads: int, name: str):
+        super().__init__(name)
+        self.lib, self.model, self.n_slots = lib, model, n_slots
+        from llama_cpp._internals import LlamaBatch, LlamaContext
+
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx_seq * n_slots
+        cparams.n_seq_max = n_slots
+        cparams.kv_unified = False  # each sequence gets n_ctx / n_seq_max of the cache
+        cparams.n_batch = cparams.n_ubatch = max(n_batch, n_slots)
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self.ctx = LlamaContext(model=model, params=cparams, verbose=False)
+        # llama.cpp rounds the context up (to 256 per sequence at least): a request gets what
+        # the alias asked for, never more than its sequence really holds
+        self.n_ctx_seq = min(n_ctx_seq, lib.llama_n_ctx_seq(self.ctx.ctx))
+        self.n_batch = cparams.n_batch
+        self.batch = LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self.slots = [Slot(seq=i) for i in range(n_slots)]
+        self._piece = ctypes.create_string_buffer(256)
+        self._thread.start()
+
+    def running(self) -> int:
+        return sum(s.request is not None for s in self.slots)
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._release(slot)
+
+    def _fail_running(self, error: Exception) -> None:
+        for slot in self.slots:
+            if slot.request is not None:
+                slot.request.emit(error)
+                self._release(slot, forget_cache=True)
+
+    def _free(self) -> None:
+        self.batch.close()
+        self.ctx.close()
+
+    def _admit(self) -> None:
+        """Each waiting request takes the free slot whose cached tokens share the longest
+        prefix with its prompt; only the rest of the prompt is prefilled."""
+        while self._waiting:
+            free = [s for s in self.slots if s.request is None]
+            if not free:
+                return
+            request = self._waiting.pop(0)
+            slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt))
+            keep = min(_common_prefix(slot.cached, request.prompt), len(request.prompt) - 1)
+            self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, keep, -1)
+            slot.cached = request.prompt[:keep]
+            slot.request, slot.prefilled, slot.next_token, slot.generated = request, keep, None, 0
+            slot.detok = ByteDetokenizer()
+            slot.sampler = self._sampler(request.params)
+
+    def _step(self) -> None:
+        batch, b = self.batch.batch, 0
+        sample_at: list[tuple[Slot, int]] = []
+
+        def add(token: int, pos: int, seq: int, logits: bool) -> None:
+            nonlocal b
+            batch.token[b], batch.pos[b], batch.n_seq_id[b] = token, pos, 1
+            batch.seq_id[b][0], batch.logits[b] = seq, logits
+            b += 1
+
+        # the next token of every decoding sequence first, then prompt chunks in what room is left
+        for slot in self.slots:
+            if slot.request is not None and slot.next_token is not None:
+                sample_at.append((slot, b))
+                add(slot.next_token, len(slot.cached), slot.seq, True)
+                slot.cached.append(slot.next_token)
+        for slot in self.slots:
+            request = slot.request
+            if request is None or slot.next_token is not None or b >= self.n_batch:
+                continue
+            end = min(len(request.prompt), slot.prefilled + self.n_batch - b)
+            for pos in range(slot.prefilled, end):
+                add(request.prompt[pos], pos, slot.seq, pos == len(request.prompt) - 1)
+            slot.cached.extend(request.prompt[slot.prefilled:end])
+            slot.prefilled = end
+            if end == len(request.prompt):
+                sample_at.append((slot, b - 1))
+        if b == 0:
+            return
+        batch.n_tokens = b
+        rc = self.lib.llama_decode(self.ctx.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for slot, index in sample_at:
+            token = self.lib.llama_sampler_sample(slot.sampler, self.ctx.ctx, index)
+            self._on_token(slot, token)
+
+    def _on_token(self, slot: Slot, token: int) -> None:
+        request, params = slot.request, slot.request.params
+        slot.generated += 1
+        n = slot.generated
+        if self.lib.llama_vocab_is_eog(self.model.vocab, token) and not params.ignore_eos:
+            request.emit(Delta("", n, "stop"))
+            self._release(slot)
+            return
+        text = slot.detok.add(self._token_bytes(token))
+        if n >= params.max_tokens or len(slot.cached) >= self.n_ctx_seq:
+            request.emit(Delta(text, n, "length"))
+            self._release(slot)
+            return
+        request.emit(Delta(text, n))
+        slot.next_token = token
+
+    def _release(self, slot: Slot, forget_cache: bool = False) -> None:
+        slot.request, slot.next_token = None, None
+        self._free_sampler(slot)
+        if forget_cache:
+            self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
+            slot.cached = []
+
+    def _free_sampler(self, slot: Slot) -> None:
+        if slot.sampler is not None:
+            self.lib.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+
+    def _sampler(self, p: SamplingParams):
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if p.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        if p.top_k:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(p.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
+        seed = lib.LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def _token_bytes(self, token: int) -> bytes:
+        n = self.lib.llama_token_to_piece(self.model.vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[: max(n, 0)]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

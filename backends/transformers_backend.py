@@ -1,14 +1,23 @@
 """Hugging Face Transformers: causal LMs (chat, completion) and encoders (embeddings).
 
-All model calls run on one worker thread per model (EngineThread): the event loop
-stays free and concurrent requests queue up and run one after another, each one
-streaming its tokens as they come.
+Generation is batched at the iteration level by a loop of our own (BatchLoop): every
+step runs one forward pass for all running requests, a new request joins the batch as soon
+as its prompt is prefilled (in chunks, between decode steps, so a long prompt does not
+freeze the others) and a finished or cancelled one leaves it at once. Each request keeps
+its own sampling parameters and random generator. On CPU this measured faster than
+transformers' own ContinuousBatchingManager (ENVIRONMENT.md: 29 tok/s for 8 sequences
+against 71 for a padded batch).
+
+Embeddings run on the model's worker thread, concurrent requests joined into one forward
+pass (EmbeddingBatcher).
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from .base import (
     CHAT,
@@ -16,14 +25,17 @@ from .base import (
     EMBEDDINGS,
     Backend,
     Delta,
+    EmbeddingBatcher,
     Embeddings,
     EngineThread,
     IncrementalDetokenizer,
     SamplingParams,
+    StepLoop,
+    StepRequest,
     release_memory,
     hf_chat_ids,
 )
-from .errors import EngineNotInstalled, InvalidRequest
+from llmserve.errors import EngineNotInstalled, InvalidRequest
 
 
 def _import_engine(alias: str):
@@ -40,6 +52,7 @@ class TransformersBackend(Backend):
 
     model = None
     tokenizer = None
+    batcher: Optional["BatchLoop"] = None  # generation aliases
 
     async def load(self) -> None:
         self._torch, self._tf = _import_engine(self.alias)
@@ -76,18 +89,25 @@ class TransformersBackend(Backend):
         if self.config.task == "embed":
             ctx = min(ctx, self.tokenizer.model_max_length or ctx)
         self._ctx = int(ctx)
-        self._eos = set()
-        for source in (self.model.generation_config if self.config.task == "generate" else None, self.tokenizer):
-            eos = getattr(source, "eos_token_id", None)
-            if eos is not None:
-                self._eos.update(eos if isinstance(eos, list) else [eos])
+        if self.config.task == "embed":
+            self._embedder = EmbeddingBatcher(lambda inputs: self._thread.call(self._embed_sync, inputs))
+            return
+        eos = set()
+        for source in (self.model.generation_config, self.tokenizer):
+            ids = getattr(source, "eos_token_id", None)
+            if ids is not None:
+                eos.update(ids if isinstance(ids, list) else [ids])
+        self.batcher = BatchLoop(torch, self.model, self.tokenizer, eos, args.max_batch, args.prefill_chunk,
+                                 name=f"hf-batch-{self.alias}")
 
     async def unload(self) -> None:
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
         await self._thread.call(self._unload_sync)
         self._thread.shutdown()
 
     def _unload_sync(self) -> None:
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.batcher = None
         release_memory()
 
     def capabilities(self) -> set[str]:
@@ -99,7 +119,15 @@ class TransformersBackend(Backend):
         return caps
 
     def running_requests(self) -> int:
-        return self._thread.active
+        return self.batcher.busy() if self.batcher else self._thread.active
+
+    def describe(self):
+        info = super().describe()
+        if self.batcher:
+            info.update(max_batch=self.batcher.max_batch, queued_requests=self.batcher.queued())
+        else:
+            info.update(embedding_batches=self._embedder.batches)
+        return info
 
     def context_length(self) -> int:
         return self._ctx
@@ -111,59 +139,10 @@ class TransformersBackend(Backend):
         return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        return self._thread.stream(lambda emit, cancelled: self._generate_sync(prompt_ids, params, emit, cancelled))
-
-    def _generate_sync(self, prompt_ids, params: SamplingParams, emit, cancelled) -> None:
-        torch, tf = self._torch, self._tf
-        detok = IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        eos = self._eos
-
-        class Streamer(tf.generation.streamers.BaseStreamer):
-            prompt_seen = False
-            count = 0
-
-            def put(self, value):
-                if not self.prompt_seen:  # generate() hands over the prompt first
-                    self.prompt_seen = True
-                    return
-                for token in value.reshape(-1).tolist():
-                    self.count += 1
-                    stop_token = token in eos and not params.ignore_eos
-                    emit(Delta("" if stop_token else detok.add(token), self.count))
-
-            def end(self):
-                pass
-
-        class Cancelled(tf.StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled(), dtype=torch.bool, device=input_ids.device)
-
-        sample = params.temperature > 0
-        gen_kwargs = dict(
-            max_new_tokens=params.max_tokens,
-            do_sample=sample,
-            streamer=Streamer(),
-            stopping_criteria=tf.StoppingCriteriaList([Cancelled()]),
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(eos), 0),
-        )
-        if sample:
-            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        if params.ignore_eos:
-            gen_kwargs["min_new_tokens"] = params.max_tokens
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        input_ids = torch.tensor([prompt_ids], device=self.model.device)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
-        new = out[0, len(prompt_ids) :].tolist()
-        hit_eos = bool(new) and new[-1] in eos and not params.ignore_eos
-        reason = "length" if (len(new) >= params.max_tokens and not hit_eos) else "stop"
-        emit(Delta("", len(new), reason))
+        return self.batcher.stream(prompt_ids, params)
 
     async def embed(self, inputs: list[str]) -> Embeddings:
-        return await self._thread.call(self._embed_sync, inputs)
+        return await self._embedder.embed(inputs)
 
     def _embed_sync(self, inputs: list[str]) -> Embeddings:
         torch = self._torch
@@ -189,4 +168,184 @@ class TransformersBackend(Backend):
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
         if args.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return Embeddings(pooled.float().tolist(), int(sum(lengths)))
+        return Embeddings(pooled.float().tolist(), [int(n) for n in lengths])
+
+
+@dataclass
+class _Row:
+    """A request in the batch (or still prefilling, with a cache of its own)."""
+
+    request: StepRequest
+    generator: Any
+    detok: IncrementalDetokenizer
+    cache: Any = None  # own cache while prefilling; None once merged into the batch
+    prefilled: int = 0
+    generated: int = 0
+
+
+class BatchLoop(StepLoop):
+    """Iteration-level batching over one Hugging Face causal LM.
+
+    The batch is one left-padded KV cache (DynamicCache) with an attention mask. A new
+    request prefills with a cache of its own, ``prefill_chunk`` tokens per step, then its
+    cache is padded and joined to the batch's; a request that ends is dropped from it, and
+    columns that only padding uses are cut off.
+    """
+
+    def __init__(self, torch, model, tokenizer, eos: set[int], max_batch: int, prefill_chunk: int, name: str):
+        super().__init__(name)
+        self.torch, self.model, self.tokenizer, self.eos = torch, model, tokenizer, eos
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.device = model.device
+        self.rows: list[_Row] = []  # in the batch, in cache order
+        self.prefilling: list[_Row] = []
+        self.cache = None
+        self.mask = None  # [rows, cache length] 1 where a real token is
+        self.next_tokens: list[int] = []  # sampled for each row, not yet fed
+        self._thread.start()
+
+    def running(self) -> int:
+        return len(self.rows) + len(self.prefilling)
+
+    def _drop_cancelled(self) -> None:
+        self.prefilling = [r for r in self.prefilling if not r.request.cancelled]
+        self._keep([i for i, r in enumerate(self.rows) if not r.request.cancelled])
+
+    def _fail_running(self, error: Exception) -> None:
+        for row in self.rows + self.prefilling:
+            row.request.emit(error)
+        self.rows, self.prefilling, self.next_tokens = [], [], []
+        self.cache = self.mask = None
+
+    def _admit(self) -> None:
+        torch = self.torch
+        while self._waiting and self.running() < self.max_batch:
+            request = self._waiting.pop(0)
+            seed = request.params.seed
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+            detok = IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+            self.prefilling.append(_Row(request, generator, detok))
+
+    def _step(self) -> None:
+        with self.torch.no_grad():
+            if self.prefilling:
+                self._prefill_chunk(self.prefilling[0])
+            if self.rows:
+                self._decode()
+
+    def _prefill_chunk(self, row: _Row) -> None:
+        torch = self.torch
+        prompt = row.request.prompt
+        if row.cache is None:
+            from transformers import DynamicCache
+
+            row.cache = DynamicCache(config=self.model.config)
+        end = min(len(prompt), row.prefilled + self.prefill_chunk)
+        ids = torch.tensor([prompt[row.prefilled:end]], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=row.cache, use_cache=True, logits_to_keep=1,
+                         attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+                         position_ids=torch.arange(row.prefilled, end, device=self.device)[None])
+        row.prefilled = end
+        if end < len(prompt):
+            return
+        self.prefilling.remove(row)
+        token = self._sample(out.logits[:, -1], [row])[0]
+        if self._on_token(row, token):
+            self._join(row, token)
+
+    def _decode(self) -> None:
+        torch = self.torch
+        n = len(self.rows)
+        ids = torch.tensor(self.next_tokens, device=self.device)[:, None]
+        positions = self.mask.sum(dim=1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones((n, 1), dtype=self.mask.dtype, device=self.device)], dim=1)
+        out = self.model(input_ids=ids, past_key_values=self.cache, attention_mask=self.mask, position_ids=positions,
+                         use_cache=True)
+        tokens = self._sample(out.logits[:, -1], self.rows)
+        keep = []
+        for i, (row, token) in enumerate(zip(self.rows, tokens)):
+            if self._on_token(row, token):
+                keep.append(i)
+                self.next_tokens[i] = token
+        self._keep(keep)
+
+    def _on_token(self, row: _Row, token: int) -> bool:
+        """Emits the token's text; False when the request ends with it."""
+        params = row.request.params
+        row.generated += 1
+        n = row.generated
+        if token in self.eos and not params.ignore_eos:
+            row.request.emit(Delta("", n, "stop"))
+            return False
+        text = row.detok.add(token)
+        if n >= params.max_tokens:
+            row.request.emit(Delta(text, n, "length"))
+            return False
+        row.request.emit(Delta(text, n))
+        return True
+
+    def _sample(self, logits, rows: list[_Row]) -> list[int]:
+        torch = self.torch
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            p = row.request.params
+            if p.temperature <= 0:
+                continue
+            x = logits[i].float() / p.temperature
+            if p.top_k:
+                x[x < torch.topk(x, min(p.top_k, x.numel())).values[-1]] = float("-inf")
+            if p.top_p < 1.0:
+                sorted_x, order = torch.sort(x, descending=True)
+                cumulative = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
+                drop = cumulative - torch.softmax(sorted_x, dim=-1) > p.top_p  # keeps the token that crosses top_p
+                x[order[drop]] = float("-inf")
+            tokens[i] = int(torch.multinomial(torch.softmax(x, dim=-1), 1, generator=row.generator))
+        return tokens
+
+    # -- the batch cache ----------------------------------------------------------------------
+    def _join(self, row: _Row, token: int) -> None:
+        torch = self.torch
+        length = row.prefilled
+        mask = torch.ones((1, length), dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = row.cache, mask
+        else:
+            total = max(self.mask.shape[1], length)
+            for mine, theirs in zip(self.cache.layers, row.cache.layers):
+                mine.keys = torch.cat([_pad_left(torch, mine.keys, total), _pad_left(torch, theirs.keys, total)])
+                mine.values = torch.cat([_pad_left(torch, mine.values, total), _pad_left(torch, theirs.values, total)])
+            self.mask = torch.cat([_pad_left(torch, self.mask, total), _pad_left(torch, mask, total)])
+        row.cache = None
+        self.rows.append(row)
+        self.next_tokens.append(token)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keeps the rows at ``keep``; cuts the leading columns no remaining row uses."""
+        if len(keep) == len(self.rows):
+            return
+        torch = self.torch
+        self.rows = [self.rows[i] for i in keep]
+        self.next_tokens = [self.next_tokens[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.mask = self.mask[index]
+        start = int(self.mask.any(dim=0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+def _pad_left(torch, t, length: int):
+    """Pads the sequence dimension (-2 for keys and values [b, h, t, d], -1 for a mask [b, t])
+    on the left with zeros up to ``length``."""
+    dim = -1 if t.dim() == 2 else -2
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)

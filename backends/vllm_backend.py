@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, hf_chat_ids, release_memory
-from .config import VllmArgs
+from llmserve.config import VllmArgs
 from .convert import gguf_to_hf_dir
-from .errors import EngineNotInstalled, InvalidRequest
+from llmserve.errors import EngineNotInstalled, InvalidRequest
 
 log = logging.getLogger("llmserve")
 

@@ -18,9 +18,7 @@ from pathlib import Path
 
 from locust import HttpUser, events, task
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls count stars above "
-         "quiet hills and rivers run toward distant silver seas").split()
-
+from prompts import prompt_text  # benchmarks/prompts.py: locust puts this folder on sys.path
 
 @events.init_command_line_parser.add_listener
 def _options(parser):
@@ -32,11 +30,6 @@ def _options(parser):
     g.add_argument("--ignore-eos", default="true", help="send ignore_eos (engines that know it run to max_tokens)")
     g.add_argument("--records-dir", default="", help="folder for per-request JSON lines")
     g.add_argument("--embed-inputs", type=int, default=8, help="inputs per embeddings request")
-
-
-def prompt_text(words: int, salt: int) -> str:
-    body = " ".join(WORDS[(i + salt) % len(WORDS)] for i in range(words))
-    return f"Continue this text for as long as you can, never stopping: {body}"
 
 
 class _Records:

@@ -8,7 +8,8 @@
 Each cell (backend x concurrency x target) gets a fresh server on 127.0.0.1, the same model
 and settings: target `service` is `bentoml serve` with only that alias loaded, target `raw`
 is the engine's own OpenAI server (vLLM's api_server, llama_cpp.server with
-interrupt_requests off; Transformers has none). Locust streams chats at the cell's
+interrupt_requests off, `transformers serve --continuous-batching`); target `inprocess` (on
+request) drives the alias's backend in-process, without HTTP. Locust streams chats at the cell's
 concurrency; the figures go to benchmarks/results/<timestamp>/: results.json, results.md,
 tok_s.png, ttft.png, and locust's CSV and HTML report per cell. Cells that fail are kept as
 failures; the command then exits non-zero.
@@ -19,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,10 +33,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from backends.config import load_settings  # noqa: E402
+from llmserve.config import load_settings  # noqa: E402
+from llmserve.launcher import BIN, ServerProcess, bentoml_serve, free_port  # noqa: E402
 
 BACKEND_ALIAS = {"llamacpp": "smollm2", "transformers": "smollm2-hf", "vllm": "smollm2-vllm"}
-BIN = Path(sys.executable).parent
 
 
 @dataclass
@@ -63,12 +62,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -77,39 +70,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- servers ------------------------------------------------------------------------------
-class Server:
-    def __init__(self, cmd: list[str], port: int, log_path: Path, env: dict, ready_path: str):
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log_path.open("wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.ready_path = ready_path
-
-    def wait_ready(self, timeout: float) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def service_server(alias: str, config_path: Path | None, log_path: Path) -> Server:
+def service_server(alias: str, config_path: Path | None, log_path: Path) -> ServerProcess:
     """bentoml serve with a configuration where only ``alias`` is preloaded."""
     settings = load_settings(config_path)
     data = yaml.safe_load(Path(config_path or ROOT / "configuration.yaml").read_text())
@@ -120,15 +81,14 @@ def service_server(alias: str, config_path: Path | None, log_path: Path) -> Serv
         data["embedding_model"] = alias
     cfg = Path(tempfile.mkstemp(prefix="bench-config-", suffix=".yaml")[1])
     cfg.write_text(yaml.safe_dump(data))
-    port = free_port()
-    cmd = [str(BIN / "bentoml"), "serve", "service:LLMService", "--host", "127.0.0.1", "--port", str(port)]
-    # a BENTOML_HOME of its own: `bentoml serve` wipes the Prometheus folder there at start,
-    # which would break the metrics of any other server sharing it
-    env = {"LLMSERVE_CONFIG": str(cfg), "HF_HUB_OFFLINE": "1", "BENTOML_HOME": tempfile.mkdtemp(prefix="bench-home-")}
-    return Server(cmd, port, log_path, env, "/readyz")
+    return bentoml_serve(log_path, {"LLMSERVE_CONFIG": str(cfg)})
 
 
-def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Path) -> Server | None:
+# the raw servers that reject vLLM's ignore_eos extension (422): their requests stop at EOS
+NO_IGNORE_EOS = {"transformers"}
+
+
+def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Path) -> ServerProcess:
     """The engine's own OpenAI server, with the alias's model and settings."""
     cfg = load_settings(config_path).models[alias]
     port = free_port()
@@ -141,7 +101,7 @@ def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Pat
                "--model_alias", alias]
         if a.n_threads:
             cmd += ["--n_threads", str(a.n_threads)]
-        return Server(cmd, port, log_path, {}, "/v1/models")
+        return ServerProcess(cmd, port, log_path, {}, "/v1/models")
     if backend == "vllm":
         from backends.convert import gguf_to_hf_dir
         from backends.vllm_backend import _ENGINE_FIELDS
@@ -164,18 +124,36 @@ def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Pat
         for name, value in a.extra.items():
             cmd += ["--" + name.replace("_", "-"), str(value)]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(int(a.kv_cache_space_gib))} if a.kv_cache_space_gib else {}
-        return Server(cmd, port, log_path, env, "/health")
-    return None  # Transformers has no server of its own
+        return ServerProcess(cmd, port, log_path, env, "/health")
+    if backend == "transformers":
+        from backends.convert import gguf_to_hf_dir
+
+        if str(location).endswith(".gguf"):
+            location = gguf_to_hf_dir(Path(location))
+        a = cfg.transformers
+        dtype = "float32" if a.dtype == "auto" and str(cfg.location()).endswith(".gguf") else a.dtype
+        cmd = [str(BIN / "transformers"), "serve", str(location), "--continuous-batching", "--host", "127.0.0.1",
+               "--port", str(port), "--device", a.device_map or "cpu", "--dtype", dtype]
+        return ServerProcess(cmd, port, log_path, {}, "/health")
+    raise ValueError(f"no raw server for {backend}")
 
 
-def stub_server(rate: float, log_path: Path) -> Server:
+def stub_server(rate: float, log_path: Path) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, str(ROOT / "benchmarks" / "stub_server.py"), "--port", str(port), "--rate", str(rate)]
-    return Server(cmd, port, log_path, {}, "/health")
+    return ServerProcess(cmd, port, log_path, {}, "/health")
 
 
 # -- one cell -----------------------------------------------------------------------------
-def run_locust(url: str, model: str, concurrency: int, duration: float, args, out: Path) -> tuple[list, dict]:
+def warm_up(url: str, model: str) -> None:
+    """One short chat before the load, so no cell's first request pays a server's lazy start
+    (transformers serve compiles its batching kernels on the first request)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300).raise_for_status()
+
+
+def run_locust(url: str, model: str, concurrency: int, duration: float, args, out: Path,
+               ignore_eos: bool = True) -> tuple[list, dict]:
     records = out / "records"
     processes = max(1, min(args.locust_processes, concurrency // 16 or 1))
     cmd = [str(BIN / "locust"), "-f", str(ROOT / "benchmarks" / "locustfile.py"), "ChatUser", "--headless",
@@ -183,7 +161,7 @@ def run_locust(url: str, model: str, concurrency: int, duration: float, args, ou
            "--stop-timeout", str(int(args.stop_timeout)), "--csv", str(out / "locust"),
            "--html", str(out / "locust.html"), "--only-summary", "--loglevel", "WARNING",
            "--model", model, "--prompt-words", str(args.prompt_words), "--output-tokens", str(args.output_tokens),
-           "--records-dir", str(records)]
+           "--records-dir", str(records), "--ignore-eos", str(ignore_eos).lower()]
     if processes > 1:
         cmd += ["--processes", str(processes)]
     subprocess.run(cmd, cwd=ROOT, stdout=(out / "locust.log").open("wb"), stderr=subprocess.STDOUT,
@@ -216,6 +194,8 @@ def run_cell(backend: str, target: str, c: int, args, out_root: Path) -> Cell:
     out = out_root / f"{backend}-{target}-c{c}"
     out.mkdir(parents=True)
     alias = BACKEND_ALIAS[backend]
+    if target == "inprocess":
+        return run_inprocess_cell(cell, alias, args, out)
     if target == "stub":
         server = stub_server(args.stub_rate, out / "server.log")
     elif target == "service":
@@ -225,7 +205,9 @@ def run_cell(backend: str, target: str, c: int, args, out_root: Path) -> Cell:
     try:
         cell.startup_s = server.wait_ready(args.startup_timeout)
         log(f"  {backend}/{target} c={c}: server up in {cell.startup_s:.1f} s, load for {args.duration:.0f} s")
-        rows, extra = run_locust(server.url, alias, c, args.duration, args, out)
+        warm_up(server.url, alias)
+        ignore_eos = not (target == "raw" and backend in NO_IGNORE_EOS)
+        rows, extra = run_locust(server.url, alias, c, args.duration, args, out, ignore_eos)
         cell.extra.update(extra)
         summarize(cell, rows)
     except Exception as exc:  # keep going: a failed cell is reported, not fatal
@@ -238,20 +220,42 @@ def run_cell(backend: str, target: str, c: int, args, out_root: Path) -> Cell:
     return cell
 
 
+def run_inprocess_cell(cell: Cell, alias: str, args, out: Path) -> Cell:
+    """The alias's backend driven in-process (benchmarks/inprocess.py): the engine's own limit."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "inprocess.py"), "--alias", alias, "--concurrency",
+           str(cell.concurrency), "--duration", str(args.duration), "--output-tokens", str(args.output_tokens),
+           "--prompt-words", str(args.prompt_words)] + (["--config", str(args.config)] if args.config else [])
+    log(f"  {cell.backend}/inprocess c={cell.concurrency}: {args.duration:.0f} s")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.duration + args.startup_timeout,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    (out / "inprocess.log").write_text(r.stdout + r.stderr)
+    try:
+        result = json.loads(r.stdout.strip().splitlines()[-1])
+        cell.requests, cell.output_tokens, cell.tok_s = result["requests"], result["output_tokens"], result["tok_s"]
+        cell.ttft_p50, cell.ttft_p95, cell.ok = result["ttft_p50"], result["ttft_p95"], True
+    except (IndexError, KeyError, ValueError):
+        cell.error = f"in-process run failed (exit {r.returncode}); see {out / 'inprocess.log'}"
+    log(f"  {cell.backend}/inprocess c={cell.concurrency}: {cell.tok_s:.1f} tok/s"
+        + ("" if cell.ok else f" FAILED ({cell.error})"))
+    return cell
+
+
 # -- reports ------------------------------------------------------------------------------
 def write_reports(cells: list[Cell], out: Path, meta: dict) -> None:
     (out / "results.json").write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=2))
-    raw = {(c.backend, c.concurrency): c for c in cells if c.target == "raw" and c.ok}
+    by_target = {t: {(c.backend, c.concurrency): c for c in cells if c.target == t and c.ok} for t in ("raw", "inprocess")}
     lines = [f"# Benchmark {meta['started']}", "", f"`{meta['command']}`", "",
              f"Prompt ~{meta['prompt_words']} words, {meta['output_tokens']} output tokens (ignore_eos), "
              f"{meta['duration']:.0f} s a cell, fresh server per cell, locust on 127.0.0.1.", "",
              "| backend | target | conc. | tok/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) | ITL p95 (ms) "
-             "| requests | failures | service / raw |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| requests | failures | service / raw | service / in-process |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in cells:
-        ratio = ""
-        if c.target == "service" and (c.backend, c.concurrency) in raw and c.ok:
-            ratio = f"{c.tok_s / raw[(c.backend, c.concurrency)].tok_s:.2f}"
+        ratios = []
+        for t in ("raw", "inprocess"):
+            other = by_target[t].get((c.backend, c.concurrency))
+            ratios.append(f"{c.tok_s / other.tok_s:.2f}" if c.target == "service" and c.ok and other else "")
+        ratio = " | ".join(ratios)
         fail = str(c.failures) if not c.error else f"{c.failures} ({c.error[:60]})"
         lines.append(f"| {c.backend} | {c.target} | {c.concurrency} | {c.tok_s:.1f} | {c.ttft_p50 * 1000:.0f} | "
                      f"{c.ttft_p95 * 1000:.0f} | {c.itl_p50 * 1000:.1f} | {c.itl_p95 * 1000:.1f} | {c.requests} | "
@@ -284,7 +288,8 @@ def write_reports(cells: list[Cell], out: Path, meta: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", default=["llamacpp", "transformers", "vllm"])
-    p.add_argument("--targets", nargs="+", default=["service", "raw"], choices=["service", "raw"])
+    p.add_argument("--targets", nargs="+", default=["service", "raw"], choices=["service", "raw", "inprocess"],
+                   help="inprocess: the alias's backend without HTTP (the engine's limit)")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per cell")
     p.add_argument("--output-tokens", type=int, default=64)
@@ -318,8 +323,7 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / started
     out.mkdir(parents=True, exist_ok=True)
     plan = ([("stub", "stub", c) for c in args.concurrency] if args.calibrate else
-            [(b, t, c) for b in args.backends for t in args.targets for c in args.concurrency
-             if not (t == "raw" and b == "transformers")])
+            [(b, t, c) for b in args.backends for t in args.targets for c in args.concurrency])
     meta = {"started": started, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
             "duration": args.duration, "output_tokens": args.output_tokens, "prompt_words": args.prompt_words,
             "stub_rate": args.stub_rate if args.calibrate else None, "cpus": os.cpu_count()}

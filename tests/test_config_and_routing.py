@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from backends import manager as manager_mod
+from llmserve import manager as manager_mod
 from backends.base import CHAT, COMPLETION, Backend, Delta
-from backends.config import ConfigError, ModelConfig, load_settings
-from backends.errors import EngineNotInstalled, InvalidRequest, ModelNotFound
-from backends.manager import ModelManager, choose_backend, make_backend
+from llmserve.config import ConfigError, ModelConfig, load_settings
+from llmserve.errors import EngineNotInstalled, InvalidRequest, ModelNotFound
+from llmserve.manager import ModelManager, choose_backend, make_backend
 
 ROOT_CONFIG = Path(__file__).resolve().parent.parent / "configuration.yaml"
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Union
 
-from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, with_stops
+from backends.base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, with_stops
 from .config import Settings
 from .errors import APIError, EngineError, InvalidRequest
 from .manager import ModelManager

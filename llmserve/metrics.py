@@ -10,7 +10,7 @@ import time
 
 import bentoml
 
-from .base import Delta
+from backends.base import Delta
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 

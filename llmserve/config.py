@@ -12,16 +12,18 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
 
-BackendName = Literal["llamacpp", "transformers", "vllm"]
+# a built-in engine, or "package.module:Class" for an engine of one's own (a backends.base.Backend)
+BackendName = Union[Literal["llamacpp", "transformers", "vllm"],
+                    Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]]
 
 
 class _Strict(BaseModel):
@@ -48,10 +50,14 @@ class PackageFile(_Strict):
 
 
 class LlamaCppArgs(_Strict):
-    n_ctx: int = Field(2048, ge=16)
+    n_ctx: int = Field(2048, ge=16)  # context of each request (each slot)
+    parallel: int = Field(8, ge=1, le=256)  # sequences decoded together (slots)
     n_gpu_layers: int = 0
     n_threads: Optional[int] = Field(None, ge=1)
-    n_batch: int = Field(512, ge=1)
+    n_batch: int = Field(512, ge=1)  # tokens per decode step: next tokens plus prompt chunks
+    # serve the GGUF converted to this type (once, cached): only some types have fast batched
+    # CPU kernels (README, "llama.cpp quantization types")
+    quantize: Optional[Literal["Q4_0", "Q4_1", "Q8_0", "F16"]] = None
     pooling: Literal["mean", "cls", "last"] = "mean"
 
 
@@ -63,6 +69,8 @@ class TransformersArgs(_Strict):
     normalize: bool = True
     # benchmarks at real shapes: build the model from its config with random weights
     random_weights: bool = False
+    max_batch: int = Field(16, ge=1)  # requests decoded together; more wait in a queue
+    prefill_chunk: int = Field(256, ge=1)  # prompt tokens prefilled per step beside the decoding batch
 
 
 class VllmArgs(_Strict):

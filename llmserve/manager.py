@@ -9,7 +9,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from .base import Backend
+from backends.base import Backend
 from .config import ModelConfig, Settings
 from .errors import APIError, EngineError, EngineNotInstalled, InvalidRequest, ModelNotFound
 
@@ -39,6 +39,9 @@ def choose_backend(config: ModelConfig) -> str:
 
 def make_backend(alias: str, config: ModelConfig) -> Backend:
     name = choose_backend(config)
+    if name not in BACKENDS:  # "package.module:Class", an engine of the user's own
+        module, _, cls = name.partition(":")
+        return getattr(importlib.import_module(module), cls)(alias, config)
     module, cls, engine = BACKENDS[name]
     if importlib.util.find_spec(engine) is None:
         raise EngineNotInstalled(name, engine, alias)

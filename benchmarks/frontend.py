@@ -1,0 +1,148 @@
+"""The front end's own cost per streamed chunk: the whole service over a stub engine against a
+bare FastAPI/uvicorn SSE endpoint streaming the same chunks.
+
+    .venv/bin/python benchmarks/frontend.py                          # c = 1 and 64, 15 s each
+    .venv/bin/python benchmarks/frontend.py --concurrency 64 --duration 30 --variants default no-bentoml-metrics
+
+Targets, each a fresh server on 127.0.0.1 (llmserve.launcher):
+  bare     benchmarks/stub_server.py --rate 0 (FastAPI + uvicorn, nothing else)
+  service  `bentoml serve` with one alias on benchmarks/stub_engine.py: routes, OpenAI
+           operations, SSE encoding, BentoML's middleware, as shipped (variant `default`),
+           or with BentoML's HTTP metrics and access log off (`no-bentoml-metrics`), or with
+           BentoML's per-chunk tracing back on (`bentoml-tracing`, the state before it was
+           excluded).
+An asyncio client keeps ``c`` streams open for the duration (each one chat of --tokens chunks
+after another) and counts chunks. Reported: chunks/s, wall microseconds per chunk, and the
+server's CPU microseconds per chunk (its process tree's CPU time over the chunks it sent):
+the last is the front end's cost, whatever the client's share of the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from llmserve.launcher import ServerProcess, bentoml_serve, free_port  # noqa: E402
+from llmserve.tracing import EXCLUDED_URLS  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "no-bentoml-metrics": {"services": {"metrics": {"enabled": False}, "logging": {"access": {"enabled": False}}}},
+    # BentoML's own tracing middleware on the generation routes again (what the service excludes)
+    "bentoml-tracing": {"services": {"tracing": {"excluded_urls": []}}},
+}
+
+
+def stub_service(log_path: Path, variant: str) -> ServerProcess:
+    config = {"default_model": "stub", "load_on_demand": False, "limits": {"max_tokens": 100000},
+              "models": {"stub": {"source": "stub", "backend": "benchmarks.stub_engine:StubBackend", "preload": True}}}
+    cfg = Path(tempfile.mkstemp(prefix="frontend-", suffix=".yaml")[1])
+    cfg.write_text(yaml.safe_dump(config))
+    env = {"LLMSERVE_CONFIG": str(cfg)}
+    if VARIANTS[variant]:
+        bento_cfg = Path(tempfile.mkstemp(prefix="frontend-bentoml-", suffix=".yaml")[1])
+        bento_cfg.write_text(yaml.safe_dump(VARIANTS[variant]))  # no `version:` key: BentoML's v1 layout
+        env["BENTOML_CONFIG"] = str(bento_cfg)
+    return bentoml_serve(log_path, env)
+
+
+def bare_server(log_path: Path) -> ServerProcess:
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "stub_server.py"), "--port", str(port), "--rate", "0"]
+    return ServerProcess(cmd, port, log_path, {}, "/health")
+
+
+async def load(url: str, concurrency: int, duration: float, tokens: int) -> tuple[int, float]:
+    """Chunks received and seconds taken, ``concurrency`` streams at a time."""
+    body = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    chunks = 0
+    stop_at = time.perf_counter() + duration
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def user():
+            nonlocal chunks
+            while time.perf_counter() < stop_at:
+                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for raw in r.aiter_raw():
+                        chunks += raw.count(b"data: ")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+        return chunks, time.perf_counter() - start
+
+
+def cpu_seconds(server: ServerProcess) -> float:
+    total = 0.0
+    for pid in server.pids():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(name: str, server: ServerProcess, args, out: Path) -> list[dict]:
+    rows = []
+    try:
+        server.wait_ready(args.startup_timeout)
+        asyncio.run(load(server.url, 4, 2.0, args.tokens))  # warm up
+        for c in args.concurrency:
+            cpu0 = cpu_seconds(server)
+            chunks, seconds = asyncio.run(load(server.url, c, args.duration, args.tokens))
+            cpu = cpu_seconds(server) - cpu0
+            row = {"target": name, "concurrency": c, "chunks": chunks, "seconds": round(seconds, 2),
+                   "chunks_per_s": round(chunks / seconds, 1), "wall_us_per_chunk": round(1e6 * seconds / chunks, 1),
+                   "server_cpu_us_per_chunk": round(1e6 * cpu / chunks, 1)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        server.stop()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--tokens", type=int, default=256, help="chunks per request")
+    p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--startup-timeout", type=float, default=120.0)
+    args = p.parse_args(argv)
+    out = args.out or ROOT / "benchmarks" / "results" / f"frontend-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = measure("bare", bare_server(out / "bare.log"), args, out)
+    for variant in args.variants:
+        rows += measure(f"service ({variant})", stub_service(out / f"service-{variant}.log", variant), args, out)
+    bare = {r["concurrency"]: r for r in rows if r["target"] == "bare"}
+    lines = [f"`{' '.join(['frontend.py'] + (argv if argv is not None else sys.argv[1:]))}`", "",
+             f"{args.tokens} chunks per request, {args.duration:.0f} s per cell.", "",
+             "| target | conc. | chunks/s | wall µs/chunk | server CPU µs/chunk | chunks/s vs bare |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ratio = r["chunks_per_s"] / bare[r["concurrency"]]["chunks_per_s"]
+        lines.append(f"| {r['target']} | {r['concurrency']} | {r['chunks_per_s']:.0f} | {r['wall_us_per_chunk']:.1f} | "
+                     f"{r['server_cpu_us_per_chunk']:.1f} | {ratio:.2f} |")
+    (out / "results.json").write_text(json.dumps({"excluded_urls": EXCLUDED_URLS, "rows": rows}, indent=2))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Many requests at once on the batching engines (llama.cpp slots, the Transformers loop):
+each request gets exactly what it would get alone, a client that leaves frees its place at
+once, a long prompt does not stall the others, and embeddings are batched."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import GENERATIVE
+
+PROMPTS = ["What is the capital of France?", "Tell me a joke about cats.", "Name three colors.",
+           "Write a haiku about the sea."]
+
+
+def stream_chat(url: str, model: str, content: str, **fields) -> dict:
+    """One streaming chat; returns its text, usage, finish reason and the arrival time of every chunk."""
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "stream": True,
+            "stream_options": {"include_usage": True}, **fields}
+    text, times, usage, finish = [], [], None, None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk["choices"]:
+                if c["delta"].get("content"):
+                    text.append(c["delta"]["content"])
+                    times.append(time.monotonic())
+                finish = c["finish_reason"] or finish
+    return {"text": "".join(text), "usage": usage, "finish": finish, "times": times}
+
+
+def running(http, model: str) -> int:
+    return http.get(f"/v1/models/{model}").json()["running_requests"]
+
+
+@pytest.mark.parametrize("model", GENERATIVE)
+def test_sixteen_concurrent_greedy_streams_each_match_the_request_run_alone(server, model):
+    alone = {p: stream_chat(server.url, model, p, max_tokens=16, temperature=0) for p in PROMPTS}
+    with cf.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda i: stream_chat(server.url, model, PROMPTS[i % 4], max_tokens=16,
+                                                       temperature=0), range(16)))
+    for i, got in enumerate(together):
+        want = alone[PROMPTS[i % 4]]
+        assert got["text"] == want["text"], f"request {i} differs from the same request alone"
+        assert got["finish"] == want["finish"]
+        assert got["usage"] == want["usage"]  # its own prompt and completion counts
+        assert 1 <= got["usage"]["completion_tokens"] <= 16
+
+
+@pytest.mark.parametrize("model", GENERATIVE)
+def test_a_client_that_leaves_frees_its_place_within_a_second_while_the_others_finish(server, http, model):
+    others: list[dict] = []
+
+    def long_stream():
+        others.append(stream_chat(server.url, model, PROMPTS[1], max_tokens=48, temperature=0, ignore_eos=True))
+
+    threads = [threading.Thread(target=long_stream) for _ in range(2)]
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True,
+            "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    with httpx.Client(base_url=server.url, timeout=120) as leaving:
+        with leaving.stream("POST", "/v1/chat/completions", json=body) as r:
+            for t in threads:
+                t.start()
+            lines = r.iter_lines()
+            for _ in range(5):
+                next(lines)
+            assert running(http, model) == 3
+        # the response is closed here: the client is gone
+    left = time.monotonic()
+    while running(http, model) > 2 and time.monotonic() - left < 1.0:
+        time.sleep(0.05)
+    assert running(http, model) <= 2, "the closed stream still holds its place after 1 s"
+    for t in threads:
+        t.join(timeout=120)
+    assert len(others) == 2
+    for got in others:
+        assert got["finish"] == "length" and got["usage"]["completion_tokens"] == 48
+
+
+@pytest.mark.parametrize("model", GENERATIVE)
+def test_a_long_prompt_admitted_mid_stream_does_not_stall_the_other_streams(server, model):
+    """The bound: while a ~1,500-token prompt is prefilled (in chunks between decode steps),
+    no gap between two chunks of a running stream is longer than half of the long
+    request's own time to first token. Prefilled in one piece, a gap would take all of it."""
+    long_prompt = "Summarize this. " + " ".join(f"word{i}" for i in range(380))
+    results: list[dict] = []
+
+    def decoding_stream():
+        results.append(stream_chat(server.url, model, PROMPTS[2], max_tokens=120, temperature=0, ignore_eos=True))
+
+    threads = [threading.Thread(target=decoding_stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # both are decoding now
+    sent = time.monotonic()
+    long = stream_chat(server.url, model, long_prompt, max_tokens=2, temperature=0)
+    first_token = long["times"][0] if long["times"] else time.monotonic()
+    ttft = first_token - sent
+    for t in threads:
+        t.join(timeout=300)
+    assert long["usage"]["prompt_tokens"] > 1200
+    for got in results:
+        assert got["usage"]["completion_tokens"] == 120
+        times = got["times"]
+        gaps = [b - a for a, b in zip(times, times[1:]) if a >= sent - 0.5 and b <= first_token + 0.5]
+        assert gaps, "the long prompt was not prefilled while this stream was running"
+        assert max(gaps) < ttft / 2, f"a stream stalled {max(gaps):.2f} s; the long prompt's TTFT was {ttft:.2f} s"
+
+
+@pytest.mark.parametrize("model", GENERATIVE)
+def test_a_seeded_sampled_request_repeats_inside_a_batch(server, model):
+    fields = dict(max_tokens=16, temperature=0.9, seed=1234)
+    alone = stream_chat(server.url, model, PROMPTS[3], **fields)
+    with cf.ThreadPoolExecutor(6) as pool:
+        seeded = [pool.submit(stream_chat, server.url, model, PROMPTS[3], **fields) for _ in range(3)]
+        noise = [pool.submit(stream_chat, server.url, model, PROMPTS[i], max_tokens=16, temperature=1.0)
+                 for i in range(3)]
+        cf.wait(noise)
+        texts = [f.result()["text"] for f in seeded]
+    assert texts == [alone["text"]] * 3
+
+
+def test_concurrent_embedding_requests_share_forward_passes_and_match_single_answers(server, http):
+    texts = [f"sentence number {i} about cats and dogs" for i in range(24)]
+    single = http.post("/v1/embeddings", json={"model": "minilm", "input": texts[0]}).json()
+    before = http.get("/v1/models/minilm").json()["embedding_batches"]
+    with cf.ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda t: http.post("/v1/embeddings", json={"model": "minilm", "input": t}).json(),
+                                texts))
+    passes = http.get("/v1/models/minilm").json()["embedding_batches"] - before
+    assert passes < len(texts), "every request ran its own forward pass"
+    first = answers[0]
+    assert first["usage"] == single["usage"]
+    diff = max(abs(a - b) for a, b in zip(first["data"][0]["embedding"], single["data"][0]["embedding"]))
+    assert diff < 1e-4
+    assert all(len(a["data"]) == 1 and len(a["data"][0]["embedding"]) == 384 for a in answers)
