@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from llmserve.config import load_settings
 from llmserve.errors import APIError
+from llmserve.logs import log_startup, setup_logging
 from llmserve.routes import app, respond
 from llmserve.manager import ModelManager
 from llmserve.openai_api import OpenAIOperations
@@ -69,6 +70,8 @@ class LLMService:
 
     @bentoml.on_startup
     async def start_loading(self) -> None:
+        setup_logging(settings.log_level, settings.log_format)
+        log_startup(self.manager.list_models(), settings.load_on_demand)
         # load in the background: /livez and /v1/models answer (with "loading") meanwhile
         self._preload = asyncio.create_task(self.manager.preload())
 

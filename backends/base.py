@@ -193,15 +193,16 @@ class StopScanner:
         return out
 
 
-async def with_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> AsyncIterator[Delta]:
-    """Cuts a generation at the first stop sequence (finish_reason "stop").
+def with_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> AsyncIterator[Delta]:
+    """Cuts a generation at the first stop sequence (finish_reason "stop"); without stop
+    sequences, ``deltas`` itself (no generator layer per token).
 
     Leaving the loop closes ``deltas``, which stops the engine's work.
     """
-    if not stops:
-        async for d in deltas:
-            yield d
-        return
+    return _cut_at_stops(deltas, stops) if stops else deltas
+
+
+async def _cut_at_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> AsyncIterator[Delta]:
     scanner = StopScanner(stops)
     try:
         async for d in deltas:

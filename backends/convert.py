@@ -32,7 +32,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     """The cached Hugging Face directory for ``gguf``; converts it on first use."""
     gguf = Path(gguf)
     stat = gguf.stat()
-    out = cache_dir() / f"{gguf.stem}-{stat.st_size}-hf"
+    out = cache_dir() / f"{gguf.stem}-{stat.st_size}-hf2"  # hf2: config.json names its architecture
     if (out / "config.json").exists():
         return out
     import torch

@@ -229,30 +229,35 @@ class BatchLoop(StepLoop):
 
     def _step(self) -> None:
         with self.torch.no_grad():
-            if self.prefilling:
-                self._prefill_chunk(self.prefilling[0])
+            budget = self.prefill_chunk  # prompt tokens this step, over as many prompts as fit
+            for row in list(self.prefilling):
+                if budget <= 0:
+                    break
+                budget -= self._prefill_chunk(row, budget)
             if self.rows:
                 self._decode()
 
-    def _prefill_chunk(self, row: _Row) -> None:
+    def _prefill_chunk(self, row: _Row, budget: int) -> int:
+        """Prefills up to ``budget`` more tokens of ``row``'s prompt; returns how many."""
         torch = self.torch
         prompt = row.request.prompt
         if row.cache is None:
             from transformers import DynamicCache
 
             row.cache = DynamicCache(config=self.model.config)
-        end = min(len(prompt), row.prefilled + self.prefill_chunk)
+        start = row.prefilled
+        end = min(len(prompt), row.prefilled + budget)
         ids = torch.tensor([prompt[row.prefilled:end]], device=self.device)
         out = self.model(input_ids=ids, past_key_values=row.cache, use_cache=True, logits_to_keep=1,
                          attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
                          position_ids=torch.arange(row.prefilled, end, device=self.device)[None])
         row.prefilled = end
-        if end < len(prompt):
-            return
-        self.prefilling.remove(row)
-        token = self._sample(out.logits[:, -1], [row])[0]
-        if self._on_token(row, token):
-            self._join(row, token)
+        if end == len(prompt):
+            self.prefilling.remove(row)
+            token = self._sample(out.logits[:, -1], [row])[0]
+            if self._on_token(row, token):
+                self._join(row, token)
+        return end - start
 
     def _decode(self) -> None:
         torch = self.torch

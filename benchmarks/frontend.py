@@ -8,9 +8,7 @@ Targets, each a fresh server on 127.0.0.1 (llmserve.launcher):
   bare     benchmarks/stub_server.py --rate 0 (FastAPI + uvicorn, nothing else)
   service  `bentoml serve` with one alias on benchmarks/stub_engine.py: routes, OpenAI
            operations, SSE encoding, BentoML's middleware, as shipped (variant `default`),
-           or with BentoML's HTTP metrics and access log off (`no-bentoml-metrics`), or with
-           BentoML's per-chunk tracing back on (`bentoml-tracing`, the state before it was
-           excluded).
+           or with BentoML's HTTP metrics and access log off (`no-bentoml-metrics`).
 An asyncio client keeps ``c`` streams open for the duration (each one chat of --tokens chunks
 after another) and counts chunks. Reported: chunks/s, wall microseconds per chunk, and the
 server's CPU microseconds per chunk (its process tree's CPU time over the chunks it sent):
@@ -39,8 +37,6 @@ from llmserve.tracing import EXCLUDED_URLS  # noqa: E402
 VARIANTS = {
     "default": {},
     "no-bentoml-metrics": {"services": {"metrics": {"enabled": False}, "logging": {"access": {"enabled": False}}}},
-    # BentoML's own tracing middleware on the generation routes again (what the service excludes)
-    "bentoml-tracing": {"services": {"tracing": {"excluded_urls": []}}},
 }
 
 

@@ -134,7 +134,9 @@ def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Pat
         dtype = "float32" if a.dtype == "auto" and str(cfg.location()).endswith(".gguf") else a.dtype
         cmd = [str(BIN / "transformers"), "serve", str(location), "--continuous-batching", "--host", "127.0.0.1",
                "--port", str(port), "--device", a.device_map or "cpu", "--dtype", dtype]
-        return ServerProcess(cmd, port, log_path, {}, "/health")
+        server = ServerProcess(cmd, port, log_path, {}, "/health")
+        server.model = str(location)  # a pinned transformers serve answers 400 to any other model name
+        return server
     raise ValueError(f"no raw server for {backend}")
 
 
@@ -205,9 +207,10 @@ def run_cell(backend: str, target: str, c: int, args, out_root: Path) -> Cell:
     try:
         cell.startup_s = server.wait_ready(args.startup_timeout)
         log(f"  {backend}/{target} c={c}: server up in {cell.startup_s:.1f} s, load for {args.duration:.0f} s")
-        warm_up(server.url, alias)
+        model = getattr(server, "model", alias)
+        warm_up(server.url, model)
         ignore_eos = not (target == "raw" and backend in NO_IGNORE_EOS)
-        rows, extra = run_locust(server.url, alias, c, args.duration, args, out, ignore_eos)
+        rows, extra = run_locust(server.url, model, c, args.duration, args, out, ignore_eos)
         cell.extra.update(extra)
         summarize(cell, rows)
     except Exception as exc:  # keep going: a failed cell is reported, not fatal

@@ -159,6 +159,8 @@ class Settings(BaseSettings):
     embedding_model: Optional[str] = None
     load_on_demand: bool = True
     api_key: Optional[str] = None  # when set, /v1 and /api/v1 routes need `Authorization: Bearer`
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # the server's own lines ("llmserve")
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for log collectors
     limits: Limits = Field(default_factory=Limits)
     service: ServiceResources = Field(default_factory=ServiceResources)
     models: dict[str, ModelConfig]

@@ -12,6 +12,8 @@ from typing import Any, AsyncIterator
 from backends.base import Backend
 from .config import ModelConfig, Settings
 from .errors import APIError, EngineError, EngineNotInstalled, InvalidRequest, ModelNotFound
+from .logs import gpu_bytes, mib, rss_bytes
+from .metrics import MODEL_LOAD_SECONDS
 
 log = logging.getLogger("llmserve")
 
@@ -55,7 +57,10 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {a: asyncio.Lock() for a in settings.models}
         self._in_flight: dict[str, int] = {a: 0 for a in settings.models}
         self._last_used: dict[str, float] = {}
-        self._loading: set[str] = set()
+        self._loading: dict[str, float] = {}  # alias -> when its load started (epoch seconds)
+        self._waiting: dict[str, int] = {a: 0 for a in settings.models}  # requests waiting for a load
+        self._loaded_at: dict[str, float] = {}
+        self._memory: dict[str, dict[str, int | None]] = {}  # what each load took
         self.errors: dict[str, str] = {}  # alias -> why its last load failed
 
     # -- lookup -------------------------------------------------------------------------
@@ -78,10 +83,17 @@ class ModelManager:
                 "task": cfg.task,
                 "loaded": backend is not None,
                 "loading": alias in self._loading,
+                "loading_since": self._loading.get(alias),
+                "waiting_for_load": self._waiting[alias],
                 "error": self.errors.get(alias),
                 "source": cfg.source or f"{cfg.package.package}/{cfg.package.path}",
+                "preload": cfg.preload,
             }
             if backend is not None:
+                last = self._last_used.get(alias)
+                row.update(loaded_at=self._loaded_at.get(alias), memory=self._memory.get(alias),
+                           last_used=None if last is None else time.time() - (time.monotonic() - last),
+                           queued_requests=0)
                 row.update(backend.describe())
             rows.append(row)
         return rows
@@ -94,8 +106,8 @@ class ModelManager:
             if cfg.preload:
                 try:
                     await self.load(alias)
-                except Exception as exc:
-                    log.error("preloading %s failed: %s", alias, exc)
+                except Exception:
+                    pass  # load() logged why; GET /models lists it
 
     async def load(self, alias: str) -> dict[str, Any]:
         cfg = self.config(alias)
@@ -103,27 +115,42 @@ class ModelManager:
             if alias in self.loaded:
                 return self.loaded[alias].describe()
             await self._make_room(alias)
-            backend = make_backend(alias, cfg)
-            self._loading.add(alias)
+            self._loading[alias] = time.time()
             started = time.perf_counter()
+            rss, gpu = rss_bytes(), gpu_bytes()
             try:
+                backend = make_backend(alias, cfg)
+                log.info("loading %s (%s) ...", alias, backend.name)
                 await backend.load()
-            except APIError as exc:
+            except APIError as exc:  # the configuration's mistake: one line, no stack trace
                 self.errors[alias] = exc.message
+                log.error("loading %s failed: %s", alias, exc.message)
                 raise
             except Exception as exc:
-                log.exception("loading %s failed", alias)
                 self.errors[alias] = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, FileNotFoundError):  # model files missing: the reason says it all
+                    log.error("loading %s failed: %s", alias, self.errors[alias])
+                else:  # the engine itself failed: its stack trace helps
+                    log.exception("loading %s failed: %s", alias, self.errors[alias])
                 raise EngineError(f"Loading model {alias!r} failed: {self.errors[alias]}") from exc
             finally:
-                self._loading.discard(alias)
+                self._loading.pop(alias, None)
+            seconds = time.perf_counter() - started
+            MODEL_LOAD_SECONDS.labels(model=alias).observe(seconds)
+            gpu_now = gpu_bytes()
+            self._memory[alias] = {"rss_bytes": max(0, rss_bytes() - rss),
+                                   "gpu_bytes": None if gpu is None or gpu_now is None else max(0, gpu_now - gpu)}
             self.errors.pop(alias, None)
             self.loaded[alias] = backend
+            self._loaded_at[alias] = time.time()
             self._last_used[alias] = time.monotonic()
-            log.info("loaded %s (%s) in %.1f s", alias, backend.name, time.perf_counter() - started)
+            waited = self._waiting[alias]
+            log.info("loaded %s (%s) in %.1f s, memory +%s RSS, GPU +%s%s", alias, backend.name, seconds,
+                     mib(self._memory[alias]["rss_bytes"]), mib(self._memory[alias]["gpu_bytes"]),
+                     f"; {waited} request(s) waited for it" if waited else "")
             return backend.describe()
 
-    async def unload(self, alias: str, drain_timeout: float = 30.0) -> bool:
+    async def unload(self, alias: str, drain_timeout: float = 30.0, reason: str = "requested") -> bool:
         self.config(alias)
         async with self._locks[alias]:
             backend = self.loaded.pop(alias, None)
@@ -134,12 +161,17 @@ class ModelManager:
             while self._in_flight[alias] and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             await backend.unload()
-            log.info("unloaded %s", alias)
+            self._forget(alias)
+            log.info("unloaded %s (%s)", alias, reason)
             return True
+
+    def _forget(self, alias: str) -> None:
+        self._loaded_at.pop(alias, None)
+        self._memory.pop(alias, None)
 
     async def shutdown(self) -> None:
         for alias in list(self.loaded):
-            await self.unload(alias, drain_timeout=0)
+            await self.unload(alias, drain_timeout=0, reason="server shutting down")
 
     async def _make_room(self, alias: str) -> None:
         """Unloads the least recently used idle model when the limit is reached."""
@@ -155,8 +187,10 @@ class ModelManager:
                     code="too_many_models",
                 )
             victim = min(idle, key=lambda a: self._last_used.get(a, 0))
-            log.info("unloading %s to make room for %s", victim, alias)
             await self.loaded.pop(victim).unload()
+            self._forget(victim)
+            log.info("unloaded %s (evicted: the least recently used idle model, to make room for %s; "
+                     "limits.max_loaded_models is %d)", victim, alias, limit)
 
     # -- serving ------------------------------------------------------------------------
     @asynccontextmanager
@@ -172,7 +206,11 @@ class ModelManager:
                     param="model",
                     code="model_not_loaded",
                 )
-            await self.load(alias)
+            self._waiting[alias] += 1
+            try:
+                await self.load(alias)
+            finally:
+                self._waiting[alias] -= 1
             backend = self.loaded.get(alias)
             if backend is None:  # unloaded again while we waited
                 raise APIError(f"Model {alias!r} was unloaded while loading; retry.", status=503, type="server_error")

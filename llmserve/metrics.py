@@ -43,6 +43,12 @@ ITL = bentoml.metrics.Histogram(
     labelnames=["model"],
     buckets=_LATENCY_BUCKETS,
 )
+MODEL_LOAD_SECONDS = bentoml.metrics.Histogram(
+    name="llm_model_load_seconds",
+    documentation="Time to load a model (what a request that triggered an on-demand load waited)",
+    labelnames=["model"],
+    buckets=(0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600),
+)
 
 
 class RequestMetrics:

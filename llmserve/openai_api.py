@@ -8,6 +8,7 @@ wrong is raised as an APIError (4xx) before the first byte is sent.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import struct
 import time
@@ -173,6 +174,7 @@ class OpenAIOperations:
         return {**meta, "choices": [choice], "usage": _usage(prompt_tokens, last.completion_tokens)}
 
     async def _stream(self, use, backend, deltas, meta, prompt_tokens, metrics, chat, include_usage):
+        """The stream as Server-Sent Events, ending with ``data: [DONE]``."""
         meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
 
         def chunk(text=None, finish=None, role=False):
@@ -185,32 +187,44 @@ class OpenAIOperations:
                 c = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
             return {**meta, "choices": [c]}
 
+        # the chunk of one token is the same bytes around its text: encoded once, so each
+        # token costs one small json.dumps (the per-chunk path is the front end's budget)
+        head, _, tail = sse_event(chunk(_TEXT_SLOT)).partition(json.dumps(_TEXT_SLOT))
         status = "aborted"
         try:
             if chat:
-                yield chunk(role=True)
+                yield sse_event(chunk(role=True))
             completion_tokens = 0
             async for d in deltas:
                 metrics.on_delta(d)
                 completion_tokens = d.completion_tokens
-                if d.text or d.finish_reason:
-                    yield chunk(d.text, d.finish_reason)
                 if d.finish_reason:
                     status = d.finish_reason
+                    yield sse_event(chunk(d.text, d.finish_reason))
+                elif d.text:
+                    yield head + json.dumps(d.text, ensure_ascii=False) + tail
             if include_usage:
-                yield {**meta, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+                yield sse_event({**meta, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
         except APIError as exc:
             status = "error"
-            yield exc.body()
+            yield sse_event(exc.body())
         except Exception as exc:
             status = "error"
             log.exception("generation failed on %s", meta["model"])
-            yield EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}").body()
+            yield sse_event(EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}").body())
         finally:
             # runs too when the client goes away: closing `deltas` stops the engine's work
             metrics.finish(status)
             await deltas.aclose()
             await use.__aexit__(None, None, None)
+        yield "data: [DONE]\n\n"
+
+
+_TEXT_SLOT = "\x00text\x00"
+
+
+def sse_event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

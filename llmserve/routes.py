@@ -10,9 +10,8 @@ Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,17 +38,11 @@ def check_api_key(request: Request) -> None:
         raise Unauthorized("Missing or wrong API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
 
 
-async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
-    """Server-Sent Events as OpenAI sends them, ending with ``data: [DONE]``."""
-    async for chunk in chunks:
-        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
 def respond(result) -> Any:
+    """One JSON body, or the operations' Server-Sent Events as a streaming response."""
     if isinstance(result, dict):
         return result
-    return StreamingResponse(sse(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 openai_router = APIRouter(dependencies=[Depends(check_api_key)])

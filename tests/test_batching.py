@@ -75,6 +75,9 @@ def test_a_client_that_leaves_frees_its_place_within_a_second_while_the_others_f
             lines = r.iter_lines()
             for _ in range(5):
                 next(lines)
+            deadline = time.monotonic() + 10  # the other two have connected and been admitted
+            while running(http, model) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
             assert running(http, model) == 3
         # the response is closed here: the client is gone
     left = time.monotonic()

@@ -53,5 +53,5 @@ def test_a_target_answering_errors_fails_the_run_but_keeps_the_cells(tmp_path):
     assert r.returncode == 1
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     (cell,) = data["cells"]
-    assert not cell["ok"] and cell["failures"] >= 1
+    assert not cell["ok"] and "400" in cell["error"]  # the warm-up chat was refused
     assert "cells failed" in r.stdout

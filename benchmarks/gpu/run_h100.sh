@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# One GPU cell group of the benchmark matrix on the device machine (see benchmarks/README.md).
-#   bash benchmarks/gpu/run_h100.sh vllm service "1 32 256"
-# Expects the carried wheels installed in /tmp/site; results go to $OUT.
+# One group of GPU cells of the benchmark matrix on the device machine (see benchmarks/README.md),
+# side by side in one run when several targets are given:
+#   bash benchmarks/gpu/run_h100.sh vllm "service raw" "1 32 256"
+# Expects the carried wheels installed in /tmp/site; results go to $OUT (and /tmp/bench/<tag>).
 set -euo pipefail
-backend=$1 target=$2 conc=$3
+backend=$1 targets=$2 conc=$3 tag=${TAG:-$1}
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 bin=$(dirname "$(command -v python3)")  # the harness starts bentoml / locust next to sys.executable
 for tool in bentoml locust; do
   [ -x "$bin/$tool" ] || { printf '#!/usr/bin/env bash\nexec python3 -m %s "$@"\n' "$tool" > "$bin/$tool"; chmod +x "$bin/$tool"; }
 done
-rm -rf "/tmp/bench/$backend-$target"
-python3 benchmarks/run.py --config benchmarks/gpu/gpu.yaml --backends "$backend" --targets "$target" \
+rm -rf "/tmp/bench/$tag"
+# shellcheck disable=SC2086  # several targets and concurrencies, one word each
+python3 benchmarks/run.py --config "${CONFIG:-benchmarks/gpu/gpu.yaml}" --backends "$backend" --targets $targets \
   --concurrency $conc --duration "${DURATION:-30}" --output-tokens "${TOKENS:-128}" --prompt-words 64 \
-  --startup-timeout 400 --stop-timeout 60 --out "/tmp/bench/$backend-$target" 2>&1 | tee "$OUT/$backend-$target.log" || true
-# only a few files come back from the device: the figures, and the server logs' tails on failure
-cp "/tmp/bench/$backend-$target/results.json" "$OUT/$backend-$target.json"
-cp "/tmp/bench/$backend-$target/results.md" "$OUT/$backend-$target.md"
-for log in /tmp/bench/$backend-$target/*/server.log; do
+  --startup-timeout 400 --stop-timeout 60 --out "/tmp/bench/$tag" 2>&1 | tee "/tmp/bench-$tag.log" || true
+mkdir -p "$OUT"
+cp "/tmp/bench-$tag.log" "$OUT/$tag.log"
+# only a few files come back from the device: the figures, and the server logs' tails
+cp "/tmp/bench/$tag/results.json" "$OUT/$tag.json"
+cp "/tmp/bench/$tag/results.md" "$OUT/$tag.md"
+for log in /tmp/bench/$tag/*/server.log; do
   echo "== $log"; tail -n 30 "$log"
-done > "$OUT/$backend-$target-servers.txt"
+done > "$OUT/$tag-servers.txt"
