@@ -99,6 +99,28 @@ class VllmBackend(Backend):
     def context_length(self) -> int:
         return self._ctx
 
+    def describe(self):
+        info = super().describe()
+        info["kv_cache"] = self.kv_cache_facts()
+        return info
+
+    def kv_cache_facts(self) -> dict:
+        """What vLLM's engine sized its KV cache to (the figures its log prints at start): blocks,
+        tokens, bytes, and how many requests of the full context length fit at once."""
+        import torch
+
+        config = self.engine.vllm_config
+        cache, model, parallel = config.cache_config, config.model_config, config.parallel_config
+        blocks = cache.num_gpu_blocks or 0
+        tokens = getattr(cache, "kv_cache_size_tokens", None) or blocks * cache.block_size
+        dtype = model.dtype if cache.cache_dtype == "auto" else getattr(torch, str(cache.cache_dtype), model.dtype)
+        per_token = (2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size()
+                     * torch.empty((), dtype=dtype).element_size() * parallel.tensor_parallel_size)
+        concurrency = getattr(cache, "kv_cache_max_concurrency", None) or tokens / self._ctx
+        return {"blocks": blocks, "block_size": cache.block_size, "tokens": tokens, "bytes": tokens * per_token,
+                "max_concurrency": round(concurrency, 2), "at_context_length": self._ctx,
+                "gpu_memory_utilization": cache.gpu_memory_utilization}
+
     def running_requests(self) -> int:
         return self.engine.get_num_unfinished_requests() if self.engine else 0
 

@@ -70,7 +70,7 @@ class TransformersArgs(_Strict):
     # benchmarks at real shapes: build the model from its config with random weights
     random_weights: bool = False
     max_batch: int = Field(16, ge=1)  # requests decoded together; more wait in a queue
-    prefill_chunk: int = Field(256, ge=1)  # prompt tokens prefilled per step beside the decoding batch
+    prefill_chunk: int = Field(128, ge=1)  # prompt tokens prefilled per step beside the decoding batch
 
 
 class VllmArgs(_Strict):

@@ -149,3 +149,24 @@ def test_unload_frees_memory_then_reload_serves(server, http, oai):
     assert r.status_code == 200 and r.json()["backend"] == "vllm"
     again = oai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
     assert "Paris" in again.choices[0].message.content
+
+
+def test_models_shows_the_kv_cache_vllm_sized(http):
+    kv = http.get(f"/v1/models/{MODEL}").json()["kv_cache"]
+    # the alias asks for 1 GiB of CPU KV cache (kv_cache_space_gib: 1); SmolLM2-135M in float32
+    # takes 2 x 30 layers x 3 KV heads x 64 x 4 bytes = 46,080 bytes per token
+    assert kv["blocks"] > 0 and kv["tokens"] >= kv["blocks"] * kv["block_size"] * 0.9
+    assert 0.9 * 2**30 <= kv["bytes"] <= 1.05 * 2**30
+    assert kv["bytes"] == kv["tokens"] * 46_080
+    assert kv["at_context_length"] == 2048
+    assert abs(kv["max_concurrency"] - kv["tokens"] / 2048) < 0.5
+
+
+async def test_a_quantization_method_vllm_lacks_fails_the_load_naming_it():
+    from backends.vllm_backend import VllmBackend
+    from llmserve.config import load_settings
+
+    config = load_settings().models[MODEL].model_copy(deep=True)
+    config.vllm.quantization = "no-such-method"
+    with pytest.raises(Exception, match="no-such-method"):
+        await VllmBackend("bad-quantization", config).load()
