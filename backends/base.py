@@ -233,6 +233,7 @@ class EmbeddingBatcher:
         self._queue: list[tuple[list[str], asyncio.Future]] = []
         self._draining = False
         self.batches = 0  # forward passes so far (for tests and describe)
+        self.running = 0  # requests waiting for or in a forward pass
 
     async def embed(self, inputs: list[str]) -> Embeddings:
         future = asyncio.get_running_loop().create_future()
@@ -240,7 +241,11 @@ class EmbeddingBatcher:
         if not self._draining:
             self._draining = True
             asyncio.ensure_future(self._drain())
-        return await future
+        self.running += 1
+        try:
+            return await future
+        finally:
+            self.running -= 1
 
     async def _drain(self) -> None:
         try:
@@ -332,16 +337,19 @@ class StepLoop(abc.ABC):
         deltas: asyncio.Queue = asyncio.Queue()
         request = StepRequest(list(prompt), params, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
         self._pending.put(request)
+        finished = False
         try:
             while True:
                 item = await deltas.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the loop already let go of it
                     raise item
+                finished = item.finish_reason is not None  # the loop freed its slot itself
                 yield item
-                if item.finish_reason:
+                if finished:
                     return
         finally:
-            if not request.cancelled:  # client gone or stop found: the slot frees at the next step
+            if not finished:  # client gone or stop found: the slot frees at the next step
                 request.cancelled = True
                 self._pending.put(None)  # wakes an idle loop
 
@@ -391,14 +399,6 @@ class StepLoop(abc.ABC):
             pass
 
 
-_END = object()
-
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
 class EngineThread:
     """One dedicated thread per model for engines whose objects are not thread-safe.
 
@@ -408,52 +408,9 @@ class EngineThread:
 
     def __init__(self, name: str):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._lock = threading.Lock()
-        self.active = 0  # generations queued or running on the thread
-
-    def _count(self, n: int) -> None:
-        with self._lock:
-            self.active += n
 
     async def call(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    async def stream(self, produce: Callable[[Callable[[Any], None], Callable[[], bool]], None]):
-        """Runs ``produce(emit, cancelled)`` on the thread and yields what it emits.
-
-        When the consumer stops early, ``cancelled()`` turns true and the producer
-        must return at its next step.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(item):
-            if not cancel.is_set():
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def run():
-            try:
-                produce(emit, cancel.is_set)
-                emit(_END)
-            except BaseException as exc:  # handed to the consumer
-                emit(_Failure(exc))
-            finally:
-                self._count(-1)
-
-        self._count(1)
-        future = loop.run_in_executor(self._executor, run)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
-        finally:
-            cancel.set()
-            del future  # the thread finishes at its next step; later calls queue behind it
 
     def shutdown(self):
         self._executor.shutdown(wait=True)

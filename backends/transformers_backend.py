@@ -119,7 +119,7 @@ class TransformersBackend(Backend):
         return caps
 
     def running_requests(self) -> int:
-        return self.batcher.busy() if self.batcher else self._thread.active
+        return self.batcher.busy() if self.batcher else self._embedder.running
 
     def describe(self):
         info = super().describe()
