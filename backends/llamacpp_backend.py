@@ -86,8 +86,8 @@ class LlamaCppBackend(Backend):
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = args.n_gpu_layers
         self.model = LlamaModel(path_model=path, params=mparams, verbose=False)
-        self.scheduler = Scheduler(lib, self.model, args.parallel, args.n_ctx, args.n_batch, threads,
-                                   name=f"llamacpp-slots-{self.alias}")
+        self.scheduler = Scheduler(lib, self.model, args.parallel, args.n_ctx, args.n_batch, args.prefill_chunk,
+                                   threads, name=f"llamacpp-slots-{self.alias}")
         self._formatter = None
         template = self.model.metadata().get("tokenizer.chat_template")
         if template:
@@ -120,7 +120,7 @@ class LlamaCppBackend(Backend):
         return {COMPLETION, CHAT} if self._formatter else {COMPLETION}
 
     def running_requests(self) -> int:
-        return self.scheduler.busy() if self.scheduler else self._thread.active
+        return self.scheduler.busy() if self.scheduler else self._embedder.running
 
     def context_length(self) -> int:
         return self.scheduler.n_ctx_seq if self.scheduler else self.llm.n_ctx()
@@ -184,7 +184,8 @@ class Slot:
 class Scheduler(StepLoop):
     """The slot loop: one thread, one context, one ``llama_decode`` per step for all slots."""
 
-    def __init__(self, lib, model, n_slots: int, n_ctx_seq: int, n_batch: int, threads: int, name: str):
+    def __init__(self, lib, model, n_slots: int, n_ctx_seq: int, n_batch: int, prefill_chunk: int, threads: int,
+                 name: str):
         super().__init__(name)
         self.lib, self.model, self.n_slots = lib, model, n_slots
         from llama_cpp._internals import LlamaBatch, LlamaContext
@@ -201,6 +202,7 @@ class Scheduler(StepLoop):
         # the alias asked for, never more than its sequence really holds
         self.n_ctx_seq = min(n_ctx_seq, lib.llama_n_ctx_seq(self.ctx.ctx))
         self.n_batch = cparams.n_batch
+        self.prefill_chunk = prefill_chunk
         self.batch = LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self.slots = [Slot(seq=i) for i in range(n_slots)]
         self._piece = ctypes.create_string_buffer(256)
@@ -256,11 +258,13 @@ class Scheduler(StepLoop):
                 sample_at.append((slot, b))
                 add(slot.next_token, len(slot.cached), slot.seq, True)
                 slot.cached.append(slot.next_token)
+        prompt_budget = self.prefill_chunk
         for slot in self.slots:
             request = slot.request
-            if request is None or slot.next_token is not None or b >= self.n_batch:
+            if request is None or slot.next_token is not None or b >= self.n_batch or prompt_budget <= 0:
                 continue
-            end = min(len(request.prompt), slot.prefilled + self.n_batch - b)
+            end = min(len(request.prompt), slot.prefilled + self.n_batch - b, slot.prefilled + prompt_budget)
+            prompt_budget -= end - slot.prefilled
             for pos in range(slot.prefilled, end):
                 add(request.prompt[pos], pos, slot.seq, pos == len(request.prompt) - 1)
             slot.cached.extend(request.prompt[slot.prefilled:end])

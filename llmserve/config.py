@@ -55,6 +55,9 @@ class LlamaCppArgs(_Strict):
     n_gpu_layers: int = 0
     n_threads: Optional[int] = Field(None, ge=1)
     n_batch: int = Field(512, ge=1)  # tokens per decode step: next tokens plus prompt chunks
+    # prompt tokens prefilled per step beside the decoding sequences: a step of 512 prompt
+    # tokens took ~1 s on 2 cores, a stall every running stream waits out
+    prefill_chunk: int = Field(256, ge=1)
     # serve the GGUF converted to this type (once, cached): only some types have fast batched
     # CPU kernels (README, "llama.cpp quantization types")
     quantize: Optional[Literal["Q4_0", "Q4_1", "Q8_0", "F16"]] = None
