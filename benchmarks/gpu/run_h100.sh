@@ -5,11 +5,7 @@
 # Expects the carried wheels installed in /tmp/site; results go to $OUT (and /tmp/bench/<tag>).
 set -euo pipefail
 backend=$1 targets=$2 conc=$3 tag=${TAG:-$1}
-export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-bin=$(dirname "$(command -v python3)")  # the harness starts bentoml / locust next to sys.executable
-for tool in bentoml locust; do
-  [ -x "$bin/$tool" ] || { printf '#!/usr/bin/env bash\nexec python3 -m %s "$@"\n' "$tool" > "$bin/$tool"; chmod +x "$bin/$tool"; }
-done
+source benchmarks/gpu/device_env.sh
 rm -rf "/tmp/bench/$tag"
 # shellcheck disable=SC2086  # several targets and concurrencies, one word each
 python3 benchmarks/run.py --config "${CONFIG:-benchmarks/gpu/gpu.yaml}" --backends "$backend" --targets $targets \

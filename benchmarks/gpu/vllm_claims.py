@@ -50,11 +50,47 @@ def serve(alias: str, out: Path):
     return bentoml_serve(out / f"{alias}.log", {"LLMSERVE_CONFIG": str(cfg)})
 
 
+def claim(alias: str, args) -> dict:
+    server = serve(alias, args.out)
+    row = {"alias": alias}
+    try:
+        row["startup_s"] = round(server.wait_ready(900), 1)
+        model = httpx.get(f"{server.url}/models/{alias}", timeout=10).json()
+        row.update(error=model.get("error"), memory=model.get("memory"), kv_cache=model.get("kv_cache"))
+        if model.get("loaded") and alias not in args.facts_only:
+            warm_up(server.url, alias)
+            for c in args.concurrency:
+                cell = Cell("vllm", alias, c)
+                cell_out = args.out / f"{alias}-c{c}"
+                cell_out.mkdir(parents=True, exist_ok=True)
+                records, _ = run_locust(server.url, alias, c, args.duration, args, cell_out)
+                summarize(cell, records)
+                row[f"c{c}"] = {k: v for k, v in asdict(cell).items() if k in ("tok_s", "ttft_p50", "requests", "ok")}
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    finally:
+        server.stop()
+    return row
+
+
+def gptq_refused(out: Path) -> dict:
+    """A method the model cannot run: the load fails naming it, the service keeps serving."""
+    server = serve("bf16", out)
+    try:
+        server.wait_ready(900)
+        r = httpx.post(f"{server.url}/models/gptq/load", timeout=600)
+        chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                          json={"model": "bf16", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        return {"alias": "gptq", "load_status": r.status_code, "load_answer": r.json(), "chat_after": chat.status_code}
+    finally:
+        server.stop()
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--duration", type=float, default=30)
-    p.add_argument("--aliases", nargs="+", default=["bf16", "fp8", "awq", "eager", "gmu-0.5"])
+    p.add_argument("--aliases", nargs="+", default=["bf16", "fp8", "awq", "eager", "gmu-0.5", "gptq"])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 32])
     p.add_argument("--facts-only", nargs="*", default=["gmu-0.5"], help="aliases to load and describe, not stream")
     args = p.parse_args()
@@ -63,40 +99,11 @@ def main() -> int:
     awq_shape_dir(Path("/tmp/llama3-8b-awq-shape"))
     rows = []
     for alias in args.aliases:
-        server = serve(alias, args.out)
-        row = {"alias": alias}
-        try:
-            row["startup_s"] = round(server.wait_ready(900), 1)
-            model = httpx.get(f"{server.url}/models/{alias}", timeout=10).json()
-            row.update(error=model.get("error"), memory=model.get("memory"), kv_cache=model.get("kv_cache"))
-            if model.get("loaded") and alias not in args.facts_only:
-                warm_up(server.url, alias)
-                for c in args.concurrency:
-                    cell = Cell("vllm", alias, c)
-                    cell_out = args.out / f"{alias}-c{c}"
-                    cell_out.mkdir(parents=True, exist_ok=True)
-                    records, _ = run_locust(server.url, alias, c, args.duration, args, cell_out)
-                    summarize(cell, records)
-                    row[f"c{c}"] = {k: v for k, v in asdict(cell).items() if k in ("tok_s", "ttft_p50", "requests", "ok")}
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        finally:
-            server.stop()
+        row = gptq_refused(args.out) if alias == "gptq" else claim(alias, args)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    # a method the model cannot run: the load fails naming it, the service keeps serving
-    server = serve("bf16", args.out)
-    try:
-        server.wait_ready(900)
-        r = httpx.post(f"{server.url}/models/gptq/load", timeout=600)
-        chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
-                          json={"model": "bf16", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
-        row = {"alias": "gptq", "load_status": r.status_code, "load_answer": r.json(), "chat_after": chat.status_code}
-    finally:
-        server.stop()
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-    (args.out / "claims.json").write_text(json.dumps(rows, indent=2))
+        # written after each alias, so a run cut short keeps what it measured
+        (args.out / "claims.json").write_text(json.dumps(rows, indent=2))
     return 0
 
 
