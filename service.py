@@ -12,7 +12,6 @@ switched off for them and replaced by one span per request (llmserve/tracing.py)
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import bentoml
@@ -21,10 +20,8 @@ from starlette.responses import Response
 
 from llmserve.config import load_settings
 from llmserve.errors import APIError
-from llmserve.logs import log_startup, setup_logging
 from llmserve.routes import app, respond
-from llmserve.manager import ModelManager
-from llmserve.openai_api import OpenAIOperations
+from llmserve.runtime import Runtime
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmserve.tracing import EXCLUDED_URLS, GenerationRouteSpans
 
@@ -63,24 +60,20 @@ async def as_response(make) -> Response:
 )
 class LLMService:
     def __init__(self) -> None:
-        self.manager = ModelManager(settings)
-        self.ops = OpenAIOperations(self.manager, settings)
-        app.state.ops = self.ops
-        self._preload: asyncio.Task | None = None
+        self.runtime = Runtime(settings)
+        self.ops = self.runtime.ops
 
     @bentoml.on_startup
     async def start_loading(self) -> None:
-        setup_logging(settings.log_level, settings.log_format)
-        log_startup(self.manager.list_models(), settings.load_on_demand)
         # load in the background: /livez and /v1/models answer (with "loading") meanwhile
-        self._preload = asyncio.create_task(self.manager.preload())
+        await self.runtime.start()
 
     async def __is_ready__(self) -> bool:
-        return self._preload is not None and self._preload.done()
+        return self.runtime.ready()
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
-        await self.manager.shutdown()
+        await self.runtime.stop()
 
     # -- BentoML-native APIs: the same code as the /v1 routes -------------------------------
     @openai_api(ChatCompletionRequest)

@@ -63,6 +63,10 @@ class LlamaCppArgs(_Strict):
     quantize: Optional[Literal["Q4_0", "Q4_1", "Q8_0", "F16"]] = None
     pooling: Literal["mean", "cls", "last"] = "mean"
 
+    @property
+    def concurrency(self) -> int:
+        return self.parallel
+
 
 class TransformersArgs(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -74,6 +78,10 @@ class TransformersArgs(_Strict):
     random_weights: bool = False
     max_batch: int = Field(16, ge=1)  # requests decoded together; more wait in a queue
     prefill_chunk: int = Field(128, ge=1)  # prompt tokens prefilled per step beside the decoding batch
+
+    @property
+    def concurrency(self) -> int:
+        return self.max_batch
 
 
 class VllmArgs(_Strict):
@@ -88,6 +96,10 @@ class VllmArgs(_Strict):
     load_format: Optional[str] = None
     kv_cache_space_gib: Optional[float] = Field(None, gt=0)  # CPU only: VLLM_CPU_KVCACHE_SPACE
     max_num_seqs: Optional[int] = Field(None, ge=1)
+
+    @property
+    def concurrency(self) -> int:
+        return self.max_num_seqs or 256  # vLLM's own default on a GPU
     seed: Optional[int] = None
     # anything else is passed to vllm.AsyncEngineArgs as is, and checked there
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -127,11 +139,21 @@ class ModelConfig(_Strict):
         name = self.package.path if self.package else self.source
         return str(name).lower().endswith(".gguf") or bool(self.gguf_file)
 
+    def engine_args(self) -> LlamaCppArgs | TransformersArgs | VllmArgs | None:
+        """The arguments of the engine this alias runs on (None for an engine of the user's own);
+        with no ``backend``, a GGUF means llama.cpp and anything else vLLM, as on a GPU machine."""
+        name = self.backend or ("llamacpp" if self.is_gguf() else "vllm")
+        return getattr(self, name, None) if name in ("llamacpp", "transformers", "vllm") else None
+
     def gpus(self) -> int:
         """GPUs this alias asks for: vLLM's tensor x pipeline parallel size."""
-        if self.backend == "vllm" or (self.backend is None and not self.is_gguf()):
-            return self.vllm.tensor_parallel_size * self.vllm.pipeline_parallel_size
-        return 0
+        args = self.engine_args()
+        return args.tensor_parallel_size * args.pipeline_parallel_size if isinstance(args, VllmArgs) else 0
+
+    def concurrency(self) -> int:
+        """Requests this alias serves at once: the slots or batch of its engine."""
+        args = self.engine_args()
+        return args.concurrency if args is not None else 1
 
 
 class Limits(_Strict):
@@ -153,6 +175,16 @@ class ServiceResources(_Strict):
     timeout: int = Field(600, ge=1)
 
 
+class Serverless(_Strict):
+    """Modal (modal_app.py): the GPU count comes from the preloaded aliases, like the Bento's."""
+
+    gpu_type: str = "H100"  # Modal's name: T4, L4, A10G, A100-80GB, H100, ...
+    scaledown_window: int = Field(300, ge=2)  # seconds an idle container lives; then zero
+    timeout: int = Field(600, ge=1)  # the longest request
+    max_containers: Optional[int] = Field(None, ge=1)
+    volume: Optional[str] = None  # a Modal Volume mounted at the cache dir for large weights
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMSERVE_", env_nested_delimiter="__", extra="forbid"
@@ -166,6 +198,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for log collectors
     limits: Limits = Field(default_factory=Limits)
     service: ServiceResources = Field(default_factory=ServiceResources)
+    serverless: Serverless = Field(default_factory=Serverless)
     models: dict[str, ModelConfig]
 
     @classmethod
@@ -183,12 +216,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"{key}: {alias!r} is not one of the configured models {sorted(self.models)}")
         return self
 
+    def gpus(self) -> int:
+        """GPUs one replica needs: service.gpus, else the most any preloaded alias asks for."""
+        if self.service.gpus is not None:
+            return self.service.gpus
+        return max((m.gpus() for m in self.models.values() if m.preload), default=0)
+
+    def concurrency(self) -> int:
+        """Requests one replica serves at once: the preloaded aliases' slots together."""
+        return sum(m.concurrency() for m in self.models.values() if m.preload) or 1
+
     def service_resources(self) -> dict[str, Any]:
         """The ``resources=`` of the BentoML service."""
         res: dict[str, Any] = {}
-        gpus = self.service.gpus
-        if gpus is None:
-            gpus = max((m.gpus() for m in self.models.values() if m.preload), default=0)
+        gpus = self.gpus()
         if gpus:
             res["gpu"] = gpus
             if self.service.gpu_type:

@@ -1,0 +1,55 @@
+"""What one server process holds, started and stopped the same way under every platform:
+the BentoML service (service.py) and the Modal class (modal_app.py) both go through Runtime,
+so neither has request logic or start-up steps of its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from .config import Settings
+from .logs import log_startup, setup_logging
+from .manager import ModelManager
+from .openai_api import OpenAIOperations
+from .routes import app
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.manager = ModelManager(settings)
+        self.ops = OpenAIOperations(self.manager, settings)
+        app.state.ops = self.ops
+        self._preload: asyncio.Task | None = None
+
+    async def start(self, wait: bool = False) -> None:
+        """Logging, the start-up lines, and the preloaded models: in the background (the
+        routes answer "loading" meanwhile) or, with ``wait``, before returning."""
+        setup_logging(self.settings.log_level, self.settings.log_format)
+        log_startup(self.manager.list_models(), self.settings.load_on_demand)
+        self._preload = asyncio.create_task(self.manager.preload())
+        if wait:
+            await self._preload
+
+    def ready(self) -> bool:
+        return self._preload is not None and self._preload.done()
+
+    async def stop(self) -> None:
+        await self.manager.shutdown()
+
+    def asgi_app(self) -> Starlette:
+        """The HTTP surface with /livez and /readyz of its own, for platforms that (unlike
+        BentoML) do not add them."""
+
+        async def livez(_: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        async def readyz(_: Request) -> PlainTextResponse:
+            ok = self.ready()
+            return PlainTextResponse("ok" if ok else "loading", status_code=200 if ok else 503)
+
+        return Starlette(routes=[Route("/livez", livez), Route("/readyz", readyz), Mount("/", app=app)])
