@@ -25,6 +25,37 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
     ignore_eos: bool = False
+    logprobs: Optional[int] = None  # None: no logprobs; k: each token's logprob and the k most likely
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated
+    frequency_penalty: float = 0.0  # minus this times how often the token was generated
+    repetition_penalty: float = 1.0  # vLLM / Hugging Face's: divides the logits of tokens seen
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    json_schema: Optional[dict] = None  # the output is constrained to JSON valid under this schema
+
+    def features(self) -> set[str]:
+        """The request fields these parameters use beyond plain sampling (see Backend.features)."""
+        used = {
+            "logprobs": self.logprobs is not None,
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "repetition_penalty": self.repetition_penalty != 1,
+            "min_p": self.min_p > 0,
+            "logit_bias": bool(self.logit_bias),
+            "response_format": self.json_schema is not None,
+        }
+        return {name for name, on in used.items() if on}
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its text, bytes and log-probability, and the most likely tokens
+    at that position (the model's distribution before sampling settings)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[tuple[str, list[int], float]] = field(default_factory=list)
 
 
 @dataclass
@@ -34,6 +65,7 @@ class Delta:
     text: str
     completion_tokens: int
     finish_reason: Optional[str] = None  # "stop" or "length" on the last step
+    logprobs: Optional[list[TokenLogprob]] = None  # the tokens of this step, when asked for
 
 
 @dataclass
@@ -50,6 +82,9 @@ class Backend(abc.ABC):
     """load / unload / encode / generate / embed / describe for one alias."""
 
     name: str = ""
+    # request fields beyond plain sampling that generate() honours (SamplingParams.features);
+    # a request using any other gets a 400 naming the field and the engine
+    features: frozenset[str] = frozenset()
 
     def __init__(self, alias: str, config: ModelConfig):
         self.alias = alias
@@ -68,6 +103,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def context_length(self) -> int: ...
+
+    def vocab_size(self) -> Optional[int]:
+        """Token ids run from 0 to this (checks logit_bias); None when unknown."""
+        return None
 
     @abc.abstractmethod
     def running_requests(self) -> int:
@@ -118,6 +157,30 @@ def hf_chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
         raise template_error(exc) from exc
     # the template already wrote any special tokens (BOS) the model wants
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def top_logprobs(logprobs, k: int, token: int, piece: Callable[[int], bytes]) -> TokenLogprob:
+    """The TokenLogprob of ``token`` from one position's log-probabilities (a numpy vector)."""
+    import numpy as np
+
+    def entry(t: int) -> tuple[str, list[int], float]:
+        data = piece(t)
+        return data.decode("utf-8", errors="replace"), list(data), float(logprobs[t])
+
+    top = []
+    if k:
+        best = np.argpartition(-logprobs, k)[:k]
+        top = [entry(int(t)) for t in best[np.argsort(-logprobs[best])]]
+    text, data, lp = entry(token)
+    return TokenLogprob(text, data, lp, top)
+
+
+def log_softmax(logits):
+    """Log-probabilities of a float32 numpy logits vector."""
+    import numpy as np
+
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
 
 
 def release_memory() -> None:
@@ -208,13 +271,13 @@ async def _cut_at_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> Async
         async for d in deltas:
             text, hit = scanner.feed(d.text)
             if hit:
-                yield Delta(text, d.completion_tokens, "stop")
+                yield Delta(text, d.completion_tokens, "stop", d.logprobs)
                 return
             if d.finish_reason:
-                yield Delta(text + scanner.flush(), d.completion_tokens, d.finish_reason)
+                yield Delta(text + scanner.flush(), d.completion_tokens, d.finish_reason, d.logprobs)
                 return
-            if text:
-                yield Delta(text, d.completion_tokens)
+            if text or d.logprobs:
+                yield Delta(text, d.completion_tokens, None, d.logprobs)
     finally:
         await deltas.aclose()
 
@@ -288,6 +351,7 @@ class StepRequest:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[object], None]  # thread-safe: hands a Delta or an exception to the client
+    extra: Any = None  # what the engine prepared for this request beside its params (a grammar)
     cancelled: bool = False
 
 
@@ -332,10 +396,11 @@ class StepLoop(abc.ABC):
         """Releases the engine's resources once the thread has stopped."""
 
     # -- the event loop's side ----------------------------------------------------------------
-    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def stream(self, prompt: list[int], params: SamplingParams, extra: Any = None) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        request = StepRequest(list(prompt), params, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
+        request = StepRequest(list(prompt), params, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
+                              extra)
         self._pending.put(request)
         finished = False
         try:

@@ -33,8 +33,10 @@ from backends.base import (
     SamplingParams,
     StepLoop,
     StepRequest,
+    log_softmax,
     release_memory,
     template_error,
+    top_logprobs,
 )
 from backends.convert import gguf_requantize
 from llmserve.errors import EngineNotInstalled, InvalidRequest
@@ -44,6 +46,9 @@ _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", 
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
+    # all in the slot's sampler chain; JSON schemas become llama.cpp grammars (GBNF)
+    features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                          "logit_bias", "response_format"})
 
     llm = None  # embedding aliases: a Llama object
     model = None  # generation aliases: the model, and a Scheduler owning the context
@@ -147,8 +152,12 @@ class LlamaCppBackend(Backend):
     async def encode_text(self, text):
         return await asyncio.to_thread(self.model.tokenize, text.encode("utf-8"), True, False)
 
+    def vocab_size(self) -> int:
+        return self._lib.llama_vocab_n_tokens(self.model.vocab)
+
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        return self.scheduler.stream(prompt_ids, params)
+        grammar = json_grammar(params.json_schema) if params.json_schema is not None else None
+        return self.scheduler.stream(prompt_ids, params, grammar)
 
     # -- embeddings ---------------------------------------------------------------------------
     async def embed(self, inputs: list[str]) -> Embeddings:
@@ -179,6 +188,7 @@ class Slot:
     generated: int = 0
     sampler: object = None
     detok: Optional[ByteDetokenizer] = None
+    grammar: Optional[str] = None  # GBNF the output must follow
 
 
 class Scheduler(StepLoop):
@@ -240,7 +250,11 @@ class Scheduler(StepLoop):
             slot.cached = request.prompt[:keep]
             slot.request, slot.prefilled, slot.next_token, slot.generated = request, keep, None, 0
             slot.detok = ByteDetokenizer()
-            slot.sampler = self._sampler(request.params)
+            try:
+                slot.sampler = self._sampler(request.params, request.extra)
+            except Exception as exc:  # this request's settings only: the others go on
+                request.emit(InvalidRequest(f"llama.cpp refused the sampling settings: {exc}"))
+                self._release(slot)
 
     def _step(self) -> None:
         batch, b = self.batch.batch, 0
@@ -278,10 +292,21 @@ class Scheduler(StepLoop):
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         for slot, index in sample_at:
+            k = slot.request.params.logprobs
+            # the model's own distribution, read before the sampler chain changes the logits
+            logprobs = self._logprobs(index) if k is not None else None
             token = self.lib.llama_sampler_sample(slot.sampler, self.ctx.ctx, index)
-            self._on_token(slot, token)
+            self._on_token(slot, token, None if logprobs is None else
+                           [top_logprobs(logprobs, k, token, self._token_bytes)])
 
-    def _on_token(self, slot: Slot, token: int) -> None:
+    def _logprobs(self, index: int):
+        import numpy as np
+
+        n_vocab = self.lib.llama_vocab_n_tokens(self.model.vocab)
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx.ctx, index), shape=(n_vocab,))
+        return log_softmax(logits.astype(np.float32))
+
+    def _on_token(self, slot: Slot, token: int, logprobs=None) -> None:
         request, params = slot.request, slot.request.params
         slot.generated += 1
         n = slot.generated
@@ -291,10 +316,10 @@ class Scheduler(StepLoop):
             return
         text = slot.detok.add(self._token_bytes(token))
         if n >= params.max_tokens or len(slot.cached) >= self.n_ctx_seq:
-            request.emit(Delta(text, n, "length"))
+            request.emit(Delta(text, n, "length", logprobs))
             self._release(slot)
             return
-        request.emit(Delta(text, n))
+        request.emit(Delta(text, n, None, logprobs))
         slot.next_token = token
 
     def _release(self, slot: Slot, forget_cache: bool = False) -> None:
@@ -309,9 +334,25 @@ class Scheduler(StepLoop):
             self.lib.llama_sampler_free(slot.sampler)
             slot.sampler = None
 
-    def _sampler(self, p: SamplingParams):
+    def _sampler(self, p: SamplingParams, grammar: Optional[str]):
+        """The slot's sampler chain: bias, penalties and grammar shape the logits, then
+        greedy or top-k / top-p / min-p / temperature / a seeded draw picks the token."""
         lib = self.lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        n_vocab = lib.llama_vocab_n_tokens(self.model.vocab)
+        if p.logit_bias:
+            biases = (lib.llama_logit_bias * len(p.logit_bias))(*[lib.llama_logit_bias(t, b) for t, b in p.logit_bias.items()])
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), biases))
+        if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty:
+            # over the generated tokens (the chain sees only those), as OpenAI's penalties are
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
+                self.n_ctx_seq, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
+        if grammar is not None:
+            constraint = lib.llama_sampler_init_grammar(self.model.vocab, grammar.encode(), b"root")
+            if not constraint:
+                lib.llama_sampler_free(chain)
+                raise ValueError("the JSON schema's grammar did not parse")
+            lib.llama_sampler_chain_add(chain, constraint)
         if p.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
@@ -319,6 +360,8 @@ class Scheduler(StepLoop):
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(p.top_k))
         if p.top_p < 1.0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(p.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
         seed = lib.LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
@@ -327,6 +370,20 @@ class Scheduler(StepLoop):
     def _token_bytes(self, token: int) -> bytes:
         n = self.lib.llama_token_to_piece(self.model.vocab, token, self._piece, len(self._piece), 0, False)
         return self._piece.raw[: max(n, 0)]
+
+
+def json_grammar(schema: dict) -> str:
+    """llama.cpp's grammar (GBNF) for JSON valid under ``schema``; a schema it cannot
+    translate is the client's 400."""
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:
+        raise InvalidRequest(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
+                             param="response_format") from exc
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -15,7 +15,7 @@ pass (EmbeddingBatcher).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -32,8 +32,11 @@ from .base import (
     SamplingParams,
     StepLoop,
     StepRequest,
-    release_memory,
+    TokenLogprob,
     hf_chat_ids,
+    log_softmax,
+    release_memory,
+    top_logprobs,
 )
 from llmserve.errors import EngineNotInstalled, InvalidRequest
 
@@ -49,10 +52,14 @@ def _import_engine(alias: str):
 
 class TransformersBackend(Backend):
     name = "transformers"
+    # per row in BatchLoop._sample; JSON schemas through xgrammar's matcher and token mask
+    features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                          "logit_bias", "response_format"})
 
     model = None
     tokenizer = None
     batcher: Optional["BatchLoop"] = None  # generation aliases
+    _grammar_compiler = None  # xgrammar's, made on the first constrained request
 
     async def load(self) -> None:
         self._torch, self._tf = _import_engine(self.alias)
@@ -139,7 +146,25 @@ class TransformersBackend(Backend):
         return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        return self.batcher.stream(prompt_ids, params)
+        grammar = self._json_grammar(params.json_schema) if params.json_schema is not None else None
+        return self.batcher.stream(prompt_ids, params, grammar)
+
+    def vocab_size(self) -> int:
+        return self.model.config.get_text_config().vocab_size
+
+    def _json_grammar(self, schema: dict):
+        """xgrammar's compiled grammar for JSON under ``schema`` (each request gets a matcher)."""
+        import json
+
+        import xgrammar
+
+        if self._grammar_compiler is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size())
+            self._grammar_compiler = xgrammar.GrammarCompiler(info)
+        try:
+            return self._grammar_compiler.compile_json_schema(json.dumps(schema))
+        except Exception as exc:
+            raise InvalidRequest(f"Cannot constrain output to this JSON schema: {exc}", param="response_format") from exc
 
     async def embed(self, inputs: list[str]) -> Embeddings:
         return await self._embedder.embed(inputs)
@@ -181,6 +206,9 @@ class _Row:
     cache: Any = None  # own cache while prefilling; None once merged into the batch
     prefilled: int = 0
     generated: int = 0
+    matcher: Any = None  # xgrammar's GrammarMatcher when the output is constrained
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
+    logprobs: Optional[list[TokenLogprob]] = None  # of the token just sampled
 
 
 class BatchLoop(StepLoop):
@@ -225,7 +253,12 @@ class BatchLoop(StepLoop):
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed if seed is not None else torch.seed())
             detok = IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-            self.prefilling.append(_Row(request, generator, detok))
+            row = _Row(request, generator, detok)
+            if request.extra is not None:
+                import xgrammar
+
+                row.matcher = xgrammar.GrammarMatcher(request.extra)
+            self.prefilling.append(row)
 
     def _step(self) -> None:
         with self.torch.no_grad():
@@ -285,28 +318,70 @@ class BatchLoop(StepLoop):
             return False
         text = row.detok.add(token)
         if n >= params.max_tokens:
-            row.request.emit(Delta(text, n, "length"))
+            row.request.emit(Delta(text, n, "length", row.logprobs))
             return False
-        row.request.emit(Delta(text, n))
+        row.request.emit(Delta(text, n, None, row.logprobs))
         return True
 
     def _sample(self, logits, rows: list[_Row]) -> list[int]:
-        torch = self.torch
         tokens = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             p = row.request.params
-            if p.temperature <= 0:
-                continue
-            x = logits[i].float() / p.temperature
-            if p.top_k:
-                x[x < torch.topk(x, min(p.top_k, x.numel())).values[-1]] = float("-inf")
-            if p.top_p < 1.0:
-                sorted_x, order = torch.sort(x, descending=True)
-                cumulative = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
-                drop = cumulative - torch.softmax(sorted_x, dim=-1) > p.top_p  # keeps the token that crosses top_p
-                x[order[drop]] = float("-inf")
-            tokens[i] = int(torch.multinomial(torch.softmax(x, dim=-1), 1, generator=row.generator))
+            if p.temperature <= 0 and not p.features() and row.matcher is None:
+                continue  # plain greedy: the batch's argmax
+            raw = logits[i].float()
+            token = self._sample_row(self._shape(raw, row), row)
+            tokens[i] = token
+            if p.logprobs is not None:  # of the model's own distribution, before the shaping
+                row.logprobs = [top_logprobs(log_softmax(raw.cpu().numpy()), p.logprobs, token, self._piece)]
+            if row.matcher is not None:
+                row.matcher.accept_token(token)
+            row.counts[token] = row.counts.get(token, 0) + 1
         return tokens
+
+    def _piece(self, token: int) -> bytes:
+        return self.tokenizer.decode([token]).encode("utf-8")
+
+    def _shape(self, x, row: _Row):
+        """Logit bias, penalties (over the generated tokens, as OpenAI's are) and the grammar."""
+        torch, p = self.torch, row.request.params
+        x = x.clone()
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=x.device)
+            x[ids] += torch.tensor(list(p.logit_bias.values()), device=x.device)
+        if row.counts and (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1):
+            ids = torch.tensor(list(row.counts), device=x.device)
+            counts = torch.tensor(list(row.counts.values()), dtype=x.dtype, device=x.device)
+            seen = x[ids]
+            if p.repetition_penalty != 1:
+                seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+            x[ids] = seen - p.frequency_penalty * counts - p.presence_penalty
+        if row.matcher is not None:
+            import xgrammar
+
+            mask = xgrammar.allocate_token_bitmask(1, x.numel())
+            row.matcher.fill_next_token_bitmask(mask)
+            x = x[None].cpu()
+            xgrammar.apply_token_bitmask_inplace(x, mask)
+            x = x[0].to(self.device)
+        return x
+
+    def _sample_row(self, x, row: _Row) -> int:
+        torch, p = self.torch, row.request.params
+        if p.temperature <= 0:
+            return int(x.argmax())
+        x = x / p.temperature
+        if p.min_p > 0:
+            probs = torch.softmax(x, dim=-1)
+            x[probs < p.min_p * probs.max()] = float("-inf")
+        if p.top_k:
+            x[x < torch.topk(x, min(p.top_k, x.numel())).values[-1]] = float("-inf")
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            cumulative = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
+            drop = cumulative - torch.softmax(sorted_x, dim=-1) > p.top_p  # keeps the token that crosses top_p
+            x[order[drop]] = float("-inf")
+        return int(torch.multinomial(torch.softmax(x, dim=-1), 1, generator=row.generator))
 
     # -- the batch cache ----------------------------------------------------------------------
     def _join(self, row: _Row, token: int) -> None:

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, hf_chat_ids, release_memory
+from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, TokenLogprob, hf_chat_ids, release_memory
 from llmserve.config import VllmArgs
 from .convert import gguf_to_hf_dir
 from llmserve.errors import EngineNotInstalled, InvalidRequest
@@ -53,6 +53,9 @@ def engine_kwargs(args: VllmArgs, model: str, engine_fields: set[str]) -> dict:
 
 class VllmBackend(Backend):
     name = "vllm"
+    # vLLM's own sampling parameters and structured outputs
+    features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                          "logit_bias", "response_format"})
 
     engine = None
 
@@ -134,19 +137,42 @@ class VllmBackend(Backend):
     async def encode_text(self, text):
         return self.tokenizer(text)["input_ids"]
 
+    def vocab_size(self) -> int:
+        return self.engine.model_config.get_vocab_size()
+
+    def _token_logprob(self, token: int, top: dict, k: int) -> TokenLogprob:
+        """vLLM's position logprobs (token id -> Logprob, the chosen one included) in our shape."""
+
+        def entry(t: int) -> tuple[str, list[int], float]:
+            text = top[t].decoded_token if top[t].decoded_token is not None else self.tokenizer.decode([t])
+            return text, list(text.encode("utf-8")), float(top[t].logprob)
+
+        best = sorted((t for t in top if top[t].rank is not None and top[t].rank <= k), key=lambda t: top[t].rank)
+        text, data, lp = entry(token)
+        return TokenLogprob(text, data, lp, [entry(t) for t in best[:k]])
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
+
+        from vllm.sampling_params import StructuredOutputsParams
 
         sp = VSamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k or 0,
+            min_p=params.min_p,
             seed=params.seed,
             stop=params.stop or None,
             ignore_eos=params.ignore_eos,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logit_bias=params.logit_bias or None,
+            logprobs=params.logprobs,
+            structured_outputs=None if params.json_schema is None else StructuredOutputsParams(json=params.json_schema),
             output_kind=RequestOutputKind.DELTA,
         )
         request_id = uuid.uuid4().hex
@@ -157,7 +183,10 @@ class VllmBackend(Backend):
                 count += len(c.token_ids)
                 finished = out.finished
                 reason = (c.finish_reason if c.finish_reason in ("stop", "length") else "stop") if finished else None
-                yield Delta(c.text, count, reason)
+                logprobs = None
+                if params.logprobs is not None and c.logprobs:
+                    logprobs = [self._token_logprob(t, top, params.logprobs) for t, top in zip(c.token_ids, c.logprobs)]
+                yield Delta(c.text, count, reason, logprobs)
         finally:
             if not finished:  # client gone or stop found by us: free the engine at once
                 await self.engine.abort(request_id)

@@ -7,15 +7,18 @@ wrong is raised as an APIError (4xx) before the first byte is sent.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import struct
 import time
 import uuid
-from typing import Any, AsyncIterator, Union
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Optional, Union
 
-from backends.base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, with_stops
+from backends.base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, TokenLogprob, with_stops
+from . import tools
 from .config import Settings
 from .errors import APIError, EngineError, InvalidRequest
 from .manager import ModelManager
@@ -35,12 +38,28 @@ class OpenAIOperations:
     # -- public operations ----------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest) -> Result:
         alias = req.model or self.settings.default_model
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        for name in ("functions", "function_call", "audio", "prediction", "web_search_options"):
+            if getattr(req, name) is not None:
+                raise InvalidRequest(f"`{name}` is not supported by this server" + _HINTS.get(name, "."), param=name,
+                                     code="unsupported_parameter")
+        if req.modalities not in (None, ["text"]):
+            raise InvalidRequest("Only text output is supported (`modalities: [\"text\"]`).", param="modalities",
+                                 code="unsupported_parameter")
+        messages = tools.render(req)
         self._check_prompt_size(sum(len(m["content"]) for m in messages))
         return await self._run(alias, CHAT, req, lambda b: b.encode_chat(messages))
 
     async def complete(self, req: CompletionRequest) -> Result:
         alias = req.model or self.settings.default_model
+        if req.suffix is not None:
+            raise InvalidRequest("`suffix` (fill-in-the-middle) is not supported by this server.", param="suffix",
+                                 code="unsupported_parameter")
+        if req.best_of is not None and req.best_of != req.n:
+            raise InvalidRequest("`best_of` is not supported by this server; ask for `n` choices instead.",
+                                 param="best_of", code="unsupported_parameter")
+        if req.echo and req.logprobs is not None:
+            raise InvalidRequest("`echo` with `logprobs` (the prompt's logprobs) is not supported by this server.",
+                                 param="echo", code="unsupported_parameter")
         self._check_prompt_size(len(req.prompt))
         return await self._run(alias, COMPLETION, req, lambda b: b.encode_text(req.prompt))
 
@@ -112,7 +131,12 @@ class OpenAIOperations:
                 code="context_length_exceeded",
             )
         max_tokens = asked if asked is not None else min(limits.default_max_tokens, ctx - prompt_tokens)
-        return SamplingParams(
+        bias = {int(t): b for t, b in (req.logit_bias or {}).items()}
+        vocab = backend.vocab_size()
+        if vocab is not None and any(not 0 <= t < vocab for t in bias):
+            raise InvalidRequest(f"logit_bias names a token id outside this model's vocabulary (0..{vocab - 1}).",
+                                 param="logit_bias", code="invalid_value")
+        params = SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
@@ -120,7 +144,18 @@ class OpenAIOperations:
             stop=req.stop_list(),
             seed=req.seed,
             ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs_k(),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            min_p=req.min_p,
+            logit_bias=bias,
+            json_schema=tools.constraint(req) if isinstance(req, ChatCompletionRequest) else None,
         )
+        for name in sorted(params.features() - backend.features):
+            raise InvalidRequest(f"`{name}` is not supported by the {backend.name} engine that serves this model.",
+                                 param=name, code="unsupported_parameter")
+        return params
 
     async def _run(self, alias: str, capability: str, req, encode) -> Result:
         chat = capability == CHAT
@@ -131,50 +166,58 @@ class OpenAIOperations:
         try:
             prompt_ids = await encode(backend)
             params = self._sampling(req, len(prompt_ids), backend)
+            # n choices are n generations of the same prompt (seeded ones with seed, seed+1, ...)
+            choices = [params if i == 0 else replace(params, seed=None if params.seed is None else params.seed + i)
+                       for i in range(req.n)]
+            streams = [with_stops(backend.generate(prompt_ids, p), p.stop) for p in choices]
         except BaseException as exc:
             await use.__aexit__(type(exc), exc, exc.__traceback__)
             raise
-        metrics = RequestMetrics(alias, len(prompt_ids))
-        deltas = with_stops(backend.generate(prompt_ids, params), params.stop)
+        metrics = [RequestMetrics(alias, len(prompt_ids) if i == 0 else 0) for i in range(req.n)]
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": alias,
             "object": "chat.completion" if chat else "text_completion",
         }
+        shape = Shape(chat, tools.active(req) if chat else [], params.logprobs is not None,
+                      req.prompt if not chat and req.echo else "")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream(use, backend, deltas, meta, len(prompt_ids), metrics, chat, include_usage)
+            if req.n == 1 and shape.plain():
+                return self._stream(use, backend, streams[0], meta, len(prompt_ids), metrics[0], chat, include_usage)
+            return self._stream_choices(use, backend, streams, meta, len(prompt_ids), metrics, shape, include_usage)
         try:
-            return await self._collect(backend, deltas, meta, len(prompt_ids), metrics, chat)
+            results = await asyncio.gather(*(self._collect(backend, d, m, alias) for d, m in zip(streams, metrics)))
         finally:
             await use.__aexit__(None, None, None)
+        completion = sum(last.completion_tokens for _, last, _ in results)
+        return {**meta, "choices": [shape.choice(i, text, last.finish_reason or "stop", logprobs)
+                                    for i, (text, last, logprobs) in enumerate(results)],
+                "usage": _usage(len(prompt_ids), completion)}
 
-    async def _collect(self, backend, deltas, meta, prompt_tokens, metrics, chat) -> dict[str, Any]:
-        text, last = [], Delta("", 0, "stop")
+    async def _collect(self, backend, deltas, metrics, alias) -> tuple[str, Delta, list[TokenLogprob]]:
+        text, logprobs, last = [], [], Delta("", 0, "stop")
         try:
             async for d in deltas:
                 metrics.on_delta(d)
                 text.append(d.text)
+                logprobs.extend(d.logprobs or ())
                 last = d
         except APIError:
             metrics.finish("error")
             raise
         except Exception as exc:
             metrics.finish("error")
-            log.exception("generation failed on %s", meta["model"])
+            log.exception("generation failed on %s", alias)
             raise EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await deltas.aclose()
         metrics.finish(last.finish_reason or "stop")
-        content = "".join(text)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason or "stop", "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": content}
-        else:
-            choice["text"] = content
-        return {**meta, "choices": [choice], "usage": _usage(prompt_tokens, last.completion_tokens)}
+        return "".join(text), last, logprobs
 
     async def _stream(self, use, backend, deltas, meta, prompt_tokens, metrics, chat, include_usage):
-        """The stream as Server-Sent Events, ending with ``data: [DONE]``."""
+        """The stream of one plain choice as Server-Sent Events, ending with ``data: [DONE]``."""
         meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
 
         def chunk(text=None, finish=None, role=False):
@@ -219,6 +262,129 @@ class OpenAIOperations:
             await use.__aexit__(None, None, None)
         yield "data: [DONE]\n\n"
 
+    async def _stream_choices(self, use, backend, streams, meta, prompt_tokens, metrics, shape, include_usage):
+        """The general stream: n choices interleaved by index, logprobs per chunk, echo, and
+        tool calls (an answer that may be a call is held back until it is complete)."""
+        meta = {**meta, "object": "chat.completion.chunk" if shape.chat else "text_completion"}
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for d in streams[i]:
+                    metrics[i].on_delta(d)
+                    await events.put((i, d))
+            except BaseException as exc:  # noqa: BLE001 - handed to the client's stream below
+                await events.put((i, exc))
+            finally:
+                await events.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+        held = [[] for _ in streams]  # text of a tool-call answer, sent when it is complete
+        counts, statuses, open_ = [0] * len(streams), ["aborted"] * len(streams), len(streams)
+        try:
+            for i in range(len(streams)):
+                first = shape.first_chunk(i)
+                if first is not None:
+                    yield sse_event({**meta, "choices": [first]})
+            while open_:
+                i, d = await events.get()
+                if d is None:
+                    open_ -= 1
+                    continue
+                if isinstance(d, BaseException):
+                    statuses[i] = "error"
+                    err = d if isinstance(d, APIError) else EngineError(
+                        f"The {backend.name} engine failed: {type(d).__name__}: {d}")
+                    if not isinstance(d, APIError):
+                        log.error("generation failed on %s: %r", meta["model"], d)
+                    yield sse_event(err.body())
+                    continue
+                counts[i] = d.completion_tokens
+                if d.finish_reason:
+                    statuses[i] = d.finish_reason
+                if shape.tools:
+                    held[i].append(d.text)
+                    if d.finish_reason:
+                        yield sse_event({**meta, "choices": [shape.final_chunk(i, "".join(held[i]), d.finish_reason)]})
+                    continue
+                yield sse_event({**meta, "choices": [shape.chunk(i, d)]})
+            if include_usage:
+                yield sse_event({**meta, "choices": [], "usage": _usage(prompt_tokens, sum(counts))})
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream, m, status in zip(streams, metrics, statuses):
+                m.finish(status)
+                await stream.aclose()
+            await use.__aexit__(None, None, None)
+        yield "data: [DONE]\n\n"
+
+
+@dataclass
+class Shape:
+    """How the choices of one request are written: chat or text, tool calls, logprobs, echo."""
+
+    chat: bool
+    tools: list  # active tools: an answer may be a call
+    logprobs: bool
+    echo: str = ""
+
+    def plain(self) -> bool:
+        return not self.tools and not self.logprobs and not self.echo
+
+    def choice(self, i: int, text: str, finish: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": self._logprobs(logprobs)}
+        if not self.chat:
+            c["text"] = self.echo + text
+            return c
+        calls = tools.parse(text, self.tools) if self.tools else None
+        if calls:
+            c.update(message={"role": "assistant", "content": None, "tool_calls": calls}, finish_reason="tool_calls")
+        else:
+            c["message"] = {"role": "assistant", "content": text}
+        return c
+
+    def first_chunk(self, i: int) -> Optional[dict[str, Any]]:
+        if self.chat:
+            return {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+        if self.echo:
+            return {"index": i, "text": self.echo, "finish_reason": None, "logprobs": None}
+        return None
+
+    def chunk(self, i: int, d: Delta) -> dict[str, Any]:
+        logprobs = self._logprobs(d.logprobs or [])
+        if self.chat:
+            delta = {"content": d.text} if d.text else {}
+            return {"index": i, "delta": delta, "finish_reason": d.finish_reason, "logprobs": logprobs}
+        return {"index": i, "text": d.text, "finish_reason": d.finish_reason, "logprobs": logprobs}
+
+    def final_chunk(self, i: int, text: str, finish: str) -> dict[str, Any]:
+        """The whole answer of a request with tools: its calls (with indexes) or its text."""
+        calls = tools.parse(text, self.tools)
+        if calls:
+            delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+            return {"index": i, "delta": delta, "finish_reason": "tool_calls", "logprobs": None}
+        return {"index": i, "delta": {"content": text}, "finish_reason": finish, "logprobs": None}
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> Optional[dict[str, Any]]:
+        if not self.logprobs:
+            return None
+        if self.chat:  # OpenAI's chat shape
+            return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+                                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in e.top]}
+                                for e in entries]}
+        offsets, at = [], len(self.echo)  # the completions (legacy) shape
+        for e in entries:
+            offsets.append(at)
+            at += len(e.token)
+        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+_HINTS = {
+    "functions": "; send `tools` instead.",
+    "function_call": "; send `tool_choice` instead.",
+}
 
 _TEXT_SLOT = "\x00text\x00"
 
