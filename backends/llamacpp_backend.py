@@ -346,7 +346,7 @@ class Scheduler(StepLoop):
         if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty:
             # over the generated tokens (the chain sees only those), as OpenAI's penalties are
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
-                self.n_ctx_seq, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
+                n_vocab, self.n_ctx_seq, p.repetition_penalty, p.frequency_penalty, p.presence_penalty))
         if grammar is not None:
             constraint = lib.llama_sampler_init_grammar(self.model.vocab, grammar.encode(), b"root")
             if not constraint:

@@ -58,3 +58,21 @@ def oai(server):
 def http(server):
     with httpx.Client(base_url=server.url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def smollm2_token_id():
+    """The id of a token of SmolLM2's vocabulary (all three aliases share it), from its text."""
+    import llama_cpp
+
+    from llmserve.config import load_settings
+
+    path = str(load_settings().models["smollm2"].location())
+    vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+
+    def token_id(text: str) -> int:
+        ids = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        assert len(ids) == 1, (text, ids)
+        return ids[0]
+
+    return token_id

@@ -38,7 +38,21 @@ BAD_BODIES = [
     ({"model": "smollm2", "messages": MSG, "top_p": 0}, "top_p"),
     ({"model": "smollm2", "messages": MSG, "top_p": 1.5}, "top_p"),
     ({"model": "smollm2", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": "smollm2", "messages": MSG, "n": 3}, "n"),
+    ({"model": "smollm2", "messages": MSG, "n": 0}, "n"),
+    ({"model": "smollm2", "messages": MSG, "n": 17}, "n"),
+    ({"model": "smollm2", "messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"model": "smollm2", "messages": MSG, "presence_penalty": 2.5}, "presence_penalty"),
+    ({"model": "smollm2", "messages": MSG, "frequency_penalty": -3}, "frequency_penalty"),
+    ({"model": "smollm2", "messages": MSG, "logit_bias": {"hello": 5}}, "logit_bias"),
+    ({"model": "smollm2", "messages": MSG, "logit_bias": {"42": 500}}, "logit_bias"),
+    ({"model": "smollm2", "messages": MSG, "logit_bias": {"99999999": 5}}, "logit_bias"),  # not in the vocabulary
+    ({"model": "smollm2", "messages": MSG, "response_format": {"type": "xml"}}, "response_format.type"),
+    ({"model": "smollm2", "messages": MSG, "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"model": "smollm2", "messages": [{"role": "user"}]}, "messages.0"),  # OpenAI rejects it too
+    ({"model": "smollm2", "messages": [{"role": "tool", "content": "42"}]}, "messages.0"),  # no tool_call_id
+    ({"model": "smollm2", "messages": MSG, "functions": [{"name": "f"}]}, "functions"),
+    ({"model": "smollm2", "messages": MSG, "function_call": "auto"}, "function_call"),
+    ({"model": "smollm2", "messages": MSG, "modalities": ["text", "audio"]}, "modalities"),
     ({"model": 42, "messages": MSG}, "model"),
 ]
 
