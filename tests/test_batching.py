@@ -63,7 +63,8 @@ def test_a_client_that_leaves_frees_its_place_within_a_second_while_the_others_f
     others: list[dict] = []
 
     def long_stream():
-        others.append(stream_chat(server.url, model, PROMPTS[1], max_tokens=48, temperature=0, ignore_eos=True))
+        # long enough that the first of them is still running when the second is admitted
+        others.append(stream_chat(server.url, model, PROMPTS[1], max_tokens=96, temperature=0, ignore_eos=True))
 
     threads = [threading.Thread(target=long_stream) for _ in range(2)]
     body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True,
@@ -88,7 +89,7 @@ def test_a_client_that_leaves_frees_its_place_within_a_second_while_the_others_f
         t.join(timeout=120)
     assert len(others) == 2
     for got in others:
-        assert got["finish"] == "length" and got["usage"]["completion_tokens"] == 48
+        assert got["finish"] == "length" and got["usage"]["completion_tokens"] == 96
 
 
 @pytest.mark.parametrize("model", GENERATIVE)
