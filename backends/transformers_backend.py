@@ -70,7 +70,7 @@ class TransformersBackend(Backend):
         torch, tf = self._torch, self._tf
         args = self.config.transformers
         location = self.config.location()
-        kwargs = {}
+        kwargs = {"trust_remote_code": self.config.trust_remote_code}  # off unless the alias says so
         if isinstance(location, Path) and location.is_file():  # a .gguf file
             kwargs["gguf_file"] = location.name
             location = location.parent

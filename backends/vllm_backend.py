@@ -74,6 +74,7 @@ class VllmBackend(Backend):
         args = self.config.vllm
         fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         kwargs = engine_kwargs(args, str(location), fields)
+        kwargs["trust_remote_code"] = self.config.trust_remote_code  # off unless the alias says so
         if self.config.tokenizer:
             kwargs["tokenizer"] = self.config.tokenizer
         if args.kv_cache_space_gib is not None:  # CPU backend: KV cache size in GiB

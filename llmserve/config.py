@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +116,9 @@ class ModelConfig(_Strict):
     task: Literal["generate", "embed"] = "generate"
     preload: bool = False
     description: str = ""
+    # requests running plus queued at once; past it a 429 (default: 8x what the engine decodes together)
+    max_pending: Optional[int] = Field(None, ge=1)
+    trust_remote_code: bool = False  # run the model repository's own Python (Transformers / vLLM)
     llamacpp: LlamaCppArgs = Field(default_factory=LlamaCppArgs)
     transformers: TransformersArgs = Field(default_factory=TransformersArgs)
     vllm: VllmArgs = Field(default_factory=VllmArgs)
@@ -155,6 +158,9 @@ class ModelConfig(_Strict):
         args = self.engine_args()
         return args.concurrency if args is not None else 1
 
+    def pending_limit(self) -> int:
+        return self.max_pending or 8 * self.concurrency()
+
 
 class Limits(_Strict):
     max_tokens: int = Field(4096, ge=1)  # largest max_tokens a request may ask for
@@ -162,6 +168,7 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(200_000, ge=1)
     max_loaded_models: int = Field(4, ge=1)
     max_embedding_inputs: int = Field(256, ge=1)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies get a 413
 
 
 class ServiceResources(_Strict):
@@ -193,7 +200,13 @@ class Settings(BaseSettings):
     default_model: str
     embedding_model: Optional[str] = None
     load_on_demand: bool = True
-    api_key: Optional[str] = None  # when set, /v1 and /api/v1 routes need `Authorization: Bearer`
+    # keys (never logged; shown as ********): comma-separated lists, best given in the environment
+    # (LLMSERVE_API_KEYS, LLMSERVE_ADMIN_KEYS). Inference keys open the API routes and the model
+    # list; admin keys open everything, and load / unload need one when any is set.
+    api_key: Optional[SecretStr] = None  # one inference key (older configurations)
+    api_keys: Optional[SecretStr] = None
+    admin_keys: Optional[SecretStr] = None
+    cors_origins: list[str] = Field(default_factory=list)  # CORS stays off unless origins are listed
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # the server's own lines ("llmserve")
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for log collectors
     limits: Limits = Field(default_factory=Limits)
@@ -215,6 +228,12 @@ class Settings(BaseSettings):
             if alias is not None and alias not in self.models:
                 raise ValueError(f"{key}: {alias!r} is not one of the configured models {sorted(self.models)}")
         return self
+
+    def inference_keys(self) -> list[bytes]:
+        return _keys(self.api_key) + _keys(self.api_keys)
+
+    def admin_key_list(self) -> list[bytes]:
+        return _keys(self.admin_keys)
 
     def gpus(self) -> int:
         """GPUs one replica needs: service.gpus, else the most any preloaded alias asks for."""
@@ -239,6 +258,12 @@ class Settings(BaseSettings):
         if self.service.memory:
             res["memory"] = self.service.memory
         return res
+
+
+def _keys(secret: Optional[SecretStr]) -> list[bytes]:
+    if secret is None:
+        return []
+    return [k.strip().encode() for k in secret.get_secret_value().split(",") if k.strip()]
 
 
 class ConfigError(RuntimeError):

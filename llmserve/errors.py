@@ -20,8 +20,10 @@ class APIError(Exception):
         type: Optional[str] = None,
         param: Optional[str] = None,
         code: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
     ):
         super().__init__(message)
+        self.headers = headers
         self.message = message
         if status is not None:
             self.status = status
@@ -36,6 +38,21 @@ class APIError(Exception):
 
 class InvalidRequest(APIError):
     status = 400
+
+
+class Forbidden(APIError):
+    status = 403
+    type = "permission_error"
+
+
+class Overloaded(APIError):
+    """Too many requests for one model: the client should retry after a while."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message, code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
 
 
 class ModelNotFound(APIError):

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 from backends.base import Backend
 from .config import ModelConfig, Settings
-from .errors import APIError, EngineError, EngineNotInstalled, InvalidRequest, ModelNotFound
+from .errors import APIError, EngineError, EngineNotInstalled, InvalidRequest, ModelNotFound, Overloaded
 from .logs import gpu_bytes, mib, rss_bytes
 from .metrics import MODEL_LOAD_SECONDS
 
@@ -222,6 +222,10 @@ class ModelManager:
                 param="model",
                 code="unsupported_capability",
             )
+        limit = cfg.pending_limit()
+        if self._in_flight[alias] >= limit:
+            raise Overloaded(f"Model {alias!r} has {limit} requests running or queued, its limit (max_pending); "
+                             "retry shortly.")
         self._in_flight[alias] += 1
         self._last_used[alias] = time.monotonic()
         try:

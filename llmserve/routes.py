@@ -10,15 +10,17 @@ Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError, Unauthorized, validation_error_to_api_error
+from .errors import APIError, Forbidden, InvalidRequest, Unauthorized, validation_error_to_api_error
 from .openai_api import OpenAIOperations
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -32,10 +34,114 @@ def ops(request: Request) -> OpenAIOperations:
     return request.app.state.ops
 
 
-def check_api_key(request: Request) -> None:
-    key = request.app.state.ops.settings.api_key
-    if key and request.headers.get("authorization", "") != f"Bearer {key}":
+def _matches(key: bytes, keys: list[bytes]) -> bool:
+    # compared in constant time, against every key (no early exit that a timing could reveal)
+    return bool(key) and sum(hmac.compare_digest(key, k) for k in keys) > 0
+
+
+def authorize(settings, authorization: str, admin: bool) -> None:
+    """Keys, when set: inference routes and the model list take an inference or admin key;
+    load / unload take an admin key when any is set (else what the inference routes take)."""
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip().encode() if scheme.lower() == "bearer" else b""
+    inference, admins = settings.inference_keys(), settings.admin_key_list()
+    if admin and admins:
+        if _matches(key, admins):
+            return
+        if _matches(key, inference):
+            raise Forbidden("This key may use the inference routes only; loading and unloading models needs an "
+                            "admin key (LLMSERVE_ADMIN_KEYS).", code="insufficient_permissions")
+        raise Unauthorized("Missing or wrong admin key: send `Authorization: Bearer <admin key>`.",
+                           code="invalid_api_key")
+    if inference and not _matches(key, inference + admins):
         raise Unauthorized("Missing or wrong API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
+
+
+def check_api_key(request: Request) -> None:
+    authorize(request.app.state.ops.settings, request.headers.get("authorization", ""), admin=False)
+
+
+def check_admin_key(request: Request) -> None:
+    authorize(request.app.state.ops.settings, request.headers.get("authorization", ""), admin=True)
+
+
+async def no_body(request: Request) -> None:
+    """The admin actions take no options: a body is refused, naming what it held, rather
+    than silently ignored."""
+    raw = await request.body()
+    if not raw.strip():
+        return
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("The request body is not valid JSON; this route takes no body.", code="invalid_json")
+    if body in ({}, None):
+        return
+    fields = ", ".join(map(str, body)) if isinstance(body, dict) else type(body).__name__
+    raise InvalidRequest(
+        f"{request.method} {request.url.path} takes no body, got: {fields}. Engine and arguments come from the "
+        "alias in configuration.yaml.", param=next(iter(body), None) if isinstance(body, dict) else None,
+        code="unexpected_body")
+
+
+class BodyLimit:
+    """A 413 for request bodies over limits.max_body_bytes, declared or streamed (pure ASGI)."""
+
+    def __init__(self, app, limit: Callable[[], int]):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit()
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(send, limit)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(send, limit)
+
+    @staticmethod
+    async def _too_large(send, limit: int) -> None:
+        err = APIError(f"The request body is larger than this server's limit of {limit} bytes "
+                       "(limits.max_body_bytes).", status=413, code="request_too_large")
+        await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)
+
+
+class _TooLarge(BaseException):
+    """BaseException: FastAPI turns any Exception raised while it reads a body into a 400."""
+
+
+class NativeAPIKeys:
+    """The same keys for BentoML's native APIs (POST /chat, /load_model, ...), which do not
+    pass through this app's routes (pure ASGI, in front of the BentoML service)."""
+
+    ADMIN = {"/load_model", "/unload_model"}
+    INFERENCE = {"/chat", "/complete", "/embed", "/list_models"}
+
+    def __init__(self, app, settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path in self.ADMIN or path in self.INFERENCE):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+            try:
+                authorize(self.settings, headers.get("authorization", ""), admin=path in self.ADMIN)
+            except APIError as exc:
+                return await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def respond(result) -> Any:
@@ -46,7 +152,8 @@ def respond(result) -> Any:
 
 
 openai_router = APIRouter(dependencies=[Depends(check_api_key)])
-admin_router = APIRouter(dependencies=[Depends(check_api_key)])
+admin_router = APIRouter(dependencies=[Depends(check_api_key)])  # reads: the model list
+admin_actions = [Depends(check_admin_key), Depends(no_body)]
 
 
 @openai_router.post("/chat/completions")
@@ -75,12 +182,12 @@ async def get_model(name: str, o: OpenAIOperations = Depends(ops)):
     return next(m for m in o.list_models()["data"] if m["id"] == name)
 
 
-@admin_router.post("/models/{name}/load")
+@admin_router.post("/models/{name}/load", dependencies=admin_actions)
 async def load_model(name: str, o: OpenAIOperations = Depends(ops)):
     return await o.load_model(name)
 
 
-@admin_router.post("/models/{name}/unload")
+@admin_router.post("/models/{name}/unload", dependencies=admin_actions)
 async def unload_model(name: str, o: OpenAIOperations = Depends(ops)):
     return await o.unload_model(name)
 
@@ -102,7 +209,7 @@ app.include_router(admin_router)
 async def _api_error(request: Request, exc: APIError):
     if exc.status >= 500:
         log.error("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)

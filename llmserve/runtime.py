@@ -15,7 +15,7 @@ from .config import Settings
 from .logs import log_startup, setup_logging
 from .manager import ModelManager
 from .openai_api import OpenAIOperations
-from .routes import app
+from .routes import BodyLimit, app
 
 
 class Runtime:
@@ -25,6 +25,7 @@ class Runtime:
         self.ops = OpenAIOperations(self.manager, settings)
         app.state.ops = self.ops
         self._preload: asyncio.Task | None = None
+        _add_middleware(settings)
 
     async def start(self, wait: bool = False) -> None:
         """Logging, the start-up lines, and the preloaded models: in the background (the
@@ -53,3 +54,21 @@ class Runtime:
             return PlainTextResponse("ok" if ok else "loading", status_code=200 if ok else 503)
 
         return Starlette(routes=[Route("/livez", livez), Route("/readyz", readyz), Mount("/", app=app)])
+
+
+_middleware_added = False
+
+
+def _add_middleware(settings: Settings) -> None:
+    """The body size limit, and CORS only for configured origins (off by default). Once per
+    process: the app is a module-level object (tests start several runtimes in one process)."""
+    global _middleware_added
+    if _middleware_added:
+        return
+    _middleware_added = True
+    app.add_middleware(BodyLimit, limit=lambda: app.state.ops.settings.limits.max_body_bytes)
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])

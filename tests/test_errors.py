@@ -13,7 +13,8 @@ def assert_openai_error(resp, status, param=None, code=None, contains=None):
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert isinstance(err["message"], str) and len(err["message"]) > 10
-    assert err["type"] == ("invalid_request_error" if status < 500 and status != 401 else err["type"])
+    expected_type = {403: "permission_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
+    assert err["type"] == (expected_type if status < 500 and status != 401 else err["type"])
     if param is not None:
         assert err["param"] == param, err
     if code is not None:

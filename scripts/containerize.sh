@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds the service's container image: `bentoml build`, then `bentoml containerize`.
+#   bash scripts/containerize.sh                 # CPU image on python:3.11-slim (needs Docker Hub)
+#   bash scripts/containerize.sh --local-base    # on localhost/llmserve-base:bookworm, made here
+#                                                # by scripts/container_base.sh (no registry needed)
+#   bash scripts/containerize.sh --gpu           # the CUDA vLLM variant (requirements/lock-gpu.txt)
+# Docker when its daemon answers, else buildah (STORAGE_DRIVER=vfs, BUILDAH_ISOLATION=chroot).
+# The image is tagged llmserve:<variant>; the Bento stays in BentoML's store.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+variant=cpu base=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpu) variant=gpu ;;
+    --local-base) base=${LLMSERVE_BASE_IMAGE:-localhost/llmserve-base:bookworm} ;;
+    *) echo "containerize: unknown option $1 (use --gpu, --local-base)" >&2; exit 2 ;;
+  esac
+  shift
+done
+fail() { echo "containerize: $*" >&2; exit 2; }
+if docker info >/dev/null 2>&1; then
+  backend=docker
+elif command -v buildah >/dev/null; then
+  backend=buildah
+  export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs} BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
+else
+  fail "no container engine: start a Docker daemon, or install buildah (apt-get install buildah)"
+fi
+if [ -n "$base" ]; then
+  if [ $backend = buildah ]; then found=$(buildah inspect --type image "$base" >/dev/null 2>&1 && echo y || true)
+  else found=$(docker image inspect "$base" >/dev/null 2>&1 && echo y || true); fi
+  [ -n "$found" ] || fail "base image $base is missing: run 'bash scripts/container_base.sh' first"
+fi
+[ -x .venv/bin/bentoml ] || fail ".venv is missing: run 'bash scripts/setup.sh' first"
+
+# this build's bentofile: the locked requirements of the variant, the base image, and where
+# torch's CPU build comes from (its index, or the wheel pip finds on this machine)
+mkdir -p build/image
+wheel=$(ls "$(pip config get global.find-links 2>/dev/null || echo /nonexistent)"/torch-*+cpu-*.whl 2>/dev/null | head -1 || true)
+if [ -n "$wheel" ]; then  # BentoML takes wheels from inside the build context only
+  mkdir -p build/image/wheels && cp -u "$wheel" build/image/wheels/ && wheel=build/image/wheels/$(basename "$wheel")
+fi
+.venv/bin/python - "$variant" "$base" "$wheel" <<'PY'
+import sys, yaml
+variant, base, wheel = sys.argv[1:]
+bento = yaml.safe_load(open("bentofile.yaml"))
+py = bento["python"]
+py["requirements_txt"] = f"requirements/lock-{variant}.txt"
+if variant == "cpu":
+    if wheel:  # no route to download.pytorch.org here: the wheel goes into the Bento
+        py["wheels"], py["find_links"] = [wheel], ["/home/bentoml/bento/env/python/wheels"]  # BENTO_PATH
+    else:
+        py["extra_index_url"] = ["https://download.pytorch.org/whl/cpu"]
+        py["pip_args"] = "--index-strategy unsafe-best-match"
+if base:
+    bento["docker"]["base_image"] = base
+yaml.safe_dump(bento, open("build/image/bentofile.yaml", "w"), sort_keys=False)
+PY
+start=$(date +%s)
+tag=$(.venv/bin/bentoml build -f build/image/bentofile.yaml --output tag 2>build/image/build.log | tail -1 | sed 's/^__tag__://' || true)
+[ -n "$tag" ] || fail "bentoml build failed: $(tail -1 build/image/build.log) (all of it in build/image/build.log)"
+echo "containerize: built Bento $tag; building the image with $backend ..."
+.venv/bin/bentoml containerize "$tag" --backend "$backend" -t "llmserve:$variant" \
+  || { echo "containerize: the image build failed (output above)" >&2; exit 1; }
+if [ $backend = buildah ]; then size=$(buildah images --format '{{.Size}}' "llmserve:$variant" | head -1)
+else size=$(docker image inspect -f '{{.Size}}' "llmserve:$variant"); fi
+echo "containerize: llmserve:$variant built in $(( $(date +%s) - start )) s, $size"

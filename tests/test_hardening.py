@@ -1,0 +1,144 @@
+"""What a production user needs when clients misbehave: keys that separate inference from
+model admin, admin routes that refuse bodies they do not take, a body size limit, a bound on
+requests per model (429 with Retry-After), CORS off, and a SIGTERM that leaves no engine
+process behind. One `bentoml serve` of its own, with keys and small limits."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import ROOT, start_server
+from tests.test_errors import assert_openai_error
+
+INFERENCE, OTHER_INFERENCE, ADMIN = "inf-key-1", "inf-key-2", "adm-key-1"
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    server = start_server({
+        "LLMSERVE_API_KEYS": f"{INFERENCE}, {OTHER_INFERENCE}",
+        "LLMSERVE_ADMIN_KEYS": ADMIN,
+        "LLMSERVE_LIMITS__MAX_BODY_BYTES": "65536",
+        "LLMSERVE_MODELS__SMOLLM2__MAX_PENDING": "2",
+        "LLMSERVE_MODELS__MINILM__PRELOAD": "false",
+    }, name="test-server-guarded")
+    yield server
+    server.stop()
+
+
+def client(server, key=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=120)
+
+
+def test_inference_routes_need_one_of_the_keys(guarded):
+    assert_openai_error(client(guarded).post("/v1/chat/completions", json=CHAT), 401, code="invalid_api_key")
+    assert_openai_error(client(guarded, "wrong").post("/v1/chat/completions", json=CHAT), 401)
+    for key in (INFERENCE, OTHER_INFERENCE, ADMIN):
+        assert client(guarded, key).post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_admin_routes_refuse_inference_keys_with_403(guarded):
+    assert_openai_error(client(guarded, INFERENCE).post("/models/smollm2/unload"), 403,
+                        code="insufficient_permissions", contains="admin key")
+    assert_openai_error(client(guarded).post("/v1/models/smollm2/load"), 401)
+    assert client(guarded, INFERENCE).get("/models").status_code == 200  # reading the list is inference's
+    assert client(guarded, ADMIN).post("/models/smollm2/load").status_code == 200
+
+
+def test_bentomls_native_apis_take_the_same_keys(guarded):
+    assert client(guarded).post("/chat", json=CHAT).status_code == 401
+    assert client(guarded, INFERENCE).post("/load_model", json={"name": "smollm2"}).status_code == 403
+    assert client(guarded, ADMIN).post("/load_model", json={"name": "smollm2"}).status_code == 200
+
+
+def test_keys_never_reach_the_log(guarded):
+    client(guarded, "wrong-key-xyz").post("/v1/chat/completions", json=CHAT)
+    log = (ROOT / ".cache" / "test-server-guarded.log").read_text()
+    assert not [k for k in (INFERENCE, OTHER_INFERENCE, ADMIN, "wrong-key-xyz") if k in log]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"backend": "no-such-engine"}, "backend"),
+    ({"config": {"n_ctx": -5}}, "config"),
+    ([1, 2], None),
+])
+def test_load_refuses_a_body_it_does_not_take_naming_it(guarded, body, param):
+    r = client(guarded, ADMIN).post("/models/smollm2/load", json=body)
+    err = assert_openai_error(r, 400, param=param, code="unexpected_body")
+    assert param is None or param in err["message"]
+
+
+def test_load_refuses_broken_json_and_takes_an_empty_object(guarded):
+    admin = client(guarded, ADMIN)
+    r = admin.post("/models/smollm2/load", content=b'{"backend": ', headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, code="invalid_json")
+    assert admin.post("/models/smollm2/load", json={}).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_goes_on(guarded):
+    inf = client(guarded, INFERENCE)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    assert_openai_error(inf.post("/v1/chat/completions", json=big), 413, code="request_too_large")
+
+    def chunks():  # no Content-Length: counted as it streams in
+        yield b'{"model": "smollm2", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"y" * 4096
+        yield b'"}]}'
+
+    r = inf.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_openai_error(r, 413, code="request_too_large")
+    assert inf.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_past_max_pending_a_model_answers_429_with_retry_after_and_serves_the_rest(guarded):
+    body = {**CHAT, "max_tokens": 48, "ignore_eos": True}
+
+    def one(_):
+        return client(guarded, INFERENCE).post("/v1/chat/completions", json=body)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    refused = [r for r in answers if r.status_code == 429]
+    served = [r for r in answers if r.status_code == 200]
+    assert len(refused) + len(served) == 8 and len(served) >= 2 and refused
+    for r in refused:
+        assert_openai_error(r, 429, code="rate_limit_exceeded", contains="max_pending")
+        assert int(r.headers["retry-after"]) >= 1
+    for r in served:
+        assert r.json()["usage"]["completion_tokens"] == 48
+    assert client(guarded, INFERENCE).post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_cors_is_off_unless_configured(guarded):
+    r = client(guarded, INFERENCE).get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_sigterm_leaves_no_engine_process_behind():
+    """The server's own SIGTERM path (not the launcher's process-group kill): BentoML's
+    processes and the engines' threads end, nothing is left running."""
+    server = start_server({"LLMSERVE_MODELS__MINILM__PRELOAD": "false"}, name="test-server-sigterm")
+    try:
+        r = httpx.post(f"{server.url}/models/smollm2-hf/load", timeout=300)
+        assert r.status_code == 200
+        family = [psutil.Process(p) for p in server.pids()]
+        assert len(family) > 1
+        os.kill(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"processes left after SIGTERM: {left}"
+    finally:
+        server.stop()
