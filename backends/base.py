@@ -104,6 +104,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def context_length(self) -> int: ...
 
+    def failure(self) -> Optional[str]:
+        """Why the engine can no longer serve (its process died), or None while it can."""
+        return None
+
     def vocab_size(self) -> Optional[int]:
         """Token ids run from 0 to this (checks logit_bias); None when unknown."""
         return None

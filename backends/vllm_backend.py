@@ -141,6 +141,11 @@ class VllmBackend(Backend):
     def vocab_size(self) -> int:
         return self.engine.model_config.get_vocab_size()
 
+    def failure(self):
+        if self.engine is not None and self.engine.errored:
+            return "the vLLM engine process died"
+        return None
+
     def _token_logprob(self, token: int, top: dict, k: int) -> TokenLogprob:
         """vLLM's position logprobs (token id -> Logprob, the chosen one included) in our shape."""
 

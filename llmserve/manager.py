@@ -95,6 +95,8 @@ class ModelManager:
                            last_used=None if last is None else time.time() - (time.monotonic() - last),
                            queued_requests=0)
                 row.update(backend.describe())
+                if backend.failure():
+                    row["error"] = backend.failure()
             rows.append(row)
         return rows
 
@@ -112,8 +114,11 @@ class ModelManager:
     async def load(self, alias: str) -> dict[str, Any]:
         cfg = self.config(alias)
         async with self._locks[alias]:
-            if alias in self.loaded:
+            if alias in self.loaded and self.loaded[alias].failure() is None:
                 return self.loaded[alias].describe()
+            if alias in self.loaded:  # its engine died: what is left is shut down, then a fresh load
+                log.warning("reloading %s: %s", alias, self.loaded[alias].failure())
+                await self._drop(alias, self.loaded.pop(alias), "engine failed")
             await self._make_room(alias)
             self._loading[alias] = time.time()
             started = time.perf_counter()
@@ -160,10 +165,18 @@ class ModelManager:
             deadline = time.monotonic() + drain_timeout
             while self._in_flight[alias] and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            await backend.unload()
-            self._forget(alias)
-            log.info("unloaded %s (%s)", alias, reason)
+            await self._drop(alias, backend, reason)
             return True
+
+    async def _drop(self, alias: str, backend: Backend, reason: str) -> None:
+        """Unloads ``backend`` of ``alias`` (its lock held); an engine that died may fail to
+        shut down cleanly, which only gets logged."""
+        try:
+            await backend.unload()
+        except Exception as exc:
+            log.warning("unloading %s: %s: %s", alias, type(exc).__name__, exc)
+        self._forget(alias)
+        log.info("unloaded %s (%s)", alias, reason)
 
     def _forget(self, alias: str) -> None:
         self._loaded_at.pop(alias, None)
@@ -214,6 +227,11 @@ class ModelManager:
             backend = self.loaded.get(alias)
             if backend is None:  # unloaded again while we waited
                 raise APIError(f"Model {alias!r} was unloaded while loading; retry.", status=503, type="server_error")
+        failure = backend.failure()
+        if failure:
+            self.errors[alias] = failure
+            raise EngineError(f"Model {alias!r} cannot serve: {failure}. POST /models/{alias}/load starts it "
+                              "again.", status=503, code="engine_failed")
         if capability not in backend.capabilities():
             can = ", ".join(sorted(backend.capabilities())) or "nothing"
             raise InvalidRequest(

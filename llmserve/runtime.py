@@ -37,7 +37,11 @@ class Runtime:
             await self._preload
 
     def ready(self) -> bool:
-        return self._preload is not None and self._preload.done()
+        """Preloading is over, and the default model is not one whose engine died."""
+        if self._preload is None or not self._preload.done():
+            return False
+        default = self.manager.loaded.get(self.settings.default_model)
+        return default is None or default.failure() is None
 
     async def stop(self) -> None:
         await self.manager.shutdown()

@@ -151,6 +151,49 @@ def test_unload_frees_memory_then_reload_serves(server, http, oai):
     assert "Paris" in again.choices[0].message.content
 
 
+def test_a_killed_engine_process_fails_its_requests_shows_in_models_and_load_brings_it_back(server, http):
+    """The fault is real: SIGKILL to vLLM's engine-core process under a running stream."""
+    import json
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    engines = [p for pid in server.pids() for p in [psutil.Process(pid)] if "EngineCore" in " ".join(p.cmdline())
+               or "EngineCore" in p.name()]
+    assert engines, "no vLLM engine-core process found under the server"
+    events: list[dict] = []
+
+    def long_stream():
+        body = {"model": MODEL, "messages": QUESTION, "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as r:
+            events.extend(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+
+    streaming = threading.Thread(target=long_stream)
+    streaming.start()
+    time.sleep(2)
+    for p in engines:
+        os.kill(p.pid, signal.SIGKILL)
+    streaming.join(timeout=120)
+    assert not streaming.is_alive(), "the stream hung after its engine died"
+    assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error"
+    # its alias says so, refuses with a 503 naming the way back, and the other aliases serve
+    time.sleep(1)
+    row = http.get(f"/models/{MODEL}").json()
+    assert row["error"] and "died" in row["error"]
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 4})
+    assert r.status_code == 503 and f"/models/{MODEL}/load" in r.json()["error"]["message"]
+    other = http.post("/v1/chat/completions", json={"model": "smollm2", "messages": QUESTION, "max_tokens": 4})
+    assert other.status_code == 200
+    # loading it again starts a fresh engine
+    assert http.post(f"/models/{MODEL}/load", timeout=600).status_code == 200
+    again = http.post("/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 16,
+                                                    "temperature": 0})
+    assert again.status_code == 200 and "Paris" in again.json()["choices"][0]["message"]["content"]
+    assert http.get(f"/models/{MODEL}").json()["error"] is None
+
+
 def test_models_shows_the_kv_cache_vllm_sized(http):
     kv = http.get(f"/v1/models/{MODEL}").json()["kv_cache"]
     # the alias asks for 1 GiB of CPU KV cache (kv_cache_space_gib: 1); SmolLM2-135M in float32
