@@ -119,6 +119,7 @@ class ModelConfig(_Strict):
     # requests running plus queued at once; past it a 429 (default: 8x what the engine decodes together)
     max_pending: Optional[int] = Field(None, ge=1)
     trust_remote_code: bool = False  # run the model repository's own Python (Transformers / vLLM)
+    keep_alive: Optional[float] = Field(None, gt=0)  # seconds idle before it unloads itself (None: never)
     llamacpp: LlamaCppArgs = Field(default_factory=LlamaCppArgs)
     transformers: TransformersArgs = Field(default_factory=TransformersArgs)
     vllm: VllmArgs = Field(default_factory=VllmArgs)
@@ -169,6 +170,8 @@ class Limits(_Strict):
     max_loaded_models: int = Field(4, ge=1)
     max_embedding_inputs: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies get a 413
+    request_timeout: float = Field(600, gt=0)  # seconds a generation may take in all
+    stall_timeout: float = Field(120, gt=0)  # seconds without a new token before a generation is ended
 
 
 class ServiceResources(_Strict):

@@ -101,6 +101,18 @@ class ModelManager:
         return rows
 
     # -- lifecycle ----------------------------------------------------------------------
+    async def expire_idle(self, period: float = 1.0) -> None:
+        """Unloads aliases idle for longer than their keep_alive (as Ollama does); runs for
+        the life of the server. A request for one later loads it again (load_on_demand)."""
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for alias, backend in list(self.loaded.items()):
+                keep = self.settings.models[alias].keep_alive
+                idle = now - self._last_used.get(alias, now)
+                if keep is not None and not self._in_flight[alias] and idle > keep:
+                    await self.unload(alias, drain_timeout=0, reason=f"idle for {idle:.0f} s, keep_alive {keep:g} s")
+
     async def preload(self) -> None:
         """Loads the preload aliases; one that fails is logged and listed with its error,
         and the others still load."""
@@ -250,3 +262,4 @@ class ModelManager:
             yield backend
         finally:
             self._in_flight[alias] -= 1
+            self._last_used[alias] = time.monotonic()  # idle time counts from the end of the last request

@@ -174,6 +174,7 @@ class OpenAIOperations:
             await use.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         metrics = [RequestMetrics(alias, len(prompt_ids) if i == 0 else 0) for i in range(req.n)]
+        deadline = Deadline(self.settings.limits.request_timeout, self.settings.limits.stall_timeout)
         meta = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -185,10 +186,13 @@ class OpenAIOperations:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             if req.n == 1 and shape.plain():
-                return self._stream(use, backend, streams[0], meta, len(prompt_ids), metrics[0], chat, include_usage)
-            return self._stream_choices(use, backend, streams, meta, len(prompt_ids), metrics, shape, include_usage)
+                return self._stream(use, backend, streams[0], meta, len(prompt_ids), metrics[0], chat, include_usage,
+                                    deadline)
+            return self._stream_choices(use, backend, streams, meta, len(prompt_ids), metrics, shape, include_usage,
+                                        deadline)
         try:
-            results = await asyncio.gather(*(self._collect(backend, d, m, alias) for d, m in zip(streams, metrics)))
+            results = await asyncio.gather(*(self._collect(backend, d, m, alias, deadline)
+                                             for d, m in zip(streams, metrics)))
         finally:
             await use.__aexit__(None, None, None)
         completion = sum(last.completion_tokens for _, last, _ in results)
@@ -196,14 +200,19 @@ class OpenAIOperations:
                                     for i, (text, last, logprobs) in enumerate(results)],
                 "usage": _usage(len(prompt_ids), completion)}
 
-    async def _collect(self, backend, deltas, metrics, alias) -> tuple[str, Delta, list[TokenLogprob]]:
+    async def _collect(self, backend, deltas, metrics, alias, deadline) -> tuple[str, Delta, list[TokenLogprob]]:
         text, logprobs, last = [], [], Delta("", 0, "stop")
         try:
-            async for d in deltas:
-                metrics.on_delta(d)
-                text.append(d.text)
-                logprobs.extend(d.logprobs or ())
-                last = d
+            try:
+                async with asyncio.timeout_at(deadline.next()) as timer:
+                    async for d in deltas:
+                        timer.reschedule(deadline.next())
+                        metrics.on_delta(d)
+                        text.append(d.text)
+                        logprobs.extend(d.logprobs or ())
+                        last = d
+            except TimeoutError:
+                raise deadline.error() from None
         except APIError:
             metrics.finish("error")
             raise
@@ -216,7 +225,7 @@ class OpenAIOperations:
         metrics.finish(last.finish_reason or "stop")
         return "".join(text), last, logprobs
 
-    async def _stream(self, use, backend, deltas, meta, prompt_tokens, metrics, chat, include_usage):
+    async def _stream(self, use, backend, deltas, meta, prompt_tokens, metrics, chat, include_usage, deadline):
         """The stream of one plain choice as Server-Sent Events, ending with ``data: [DONE]``."""
         meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
 
@@ -238,14 +247,19 @@ class OpenAIOperations:
             if chat:
                 yield sse_event(chunk(role=True))
             completion_tokens = 0
-            async for d in deltas:
-                metrics.on_delta(d)
-                completion_tokens = d.completion_tokens
-                if d.finish_reason:
-                    status = d.finish_reason
-                    yield sse_event(chunk(d.text, d.finish_reason))
-                elif d.text:
-                    yield head + json.dumps(d.text, ensure_ascii=False) + tail
+            try:
+                async with asyncio.timeout_at(deadline.next()) as timer:
+                    async for d in deltas:
+                        timer.reschedule(deadline.next())
+                        metrics.on_delta(d)
+                        completion_tokens = d.completion_tokens
+                        if d.finish_reason:
+                            status = d.finish_reason
+                            yield sse_event(chunk(d.text, d.finish_reason))
+                        elif d.text:
+                            yield head + json.dumps(d.text, ensure_ascii=False) + tail
+            except TimeoutError:
+                raise deadline.error() from None
             if include_usage:
                 yield sse_event({**meta, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
         except APIError as exc:
@@ -262,7 +276,8 @@ class OpenAIOperations:
             await use.__aexit__(None, None, None)
         yield "data: [DONE]\n\n"
 
-    async def _stream_choices(self, use, backend, streams, meta, prompt_tokens, metrics, shape, include_usage):
+    async def _stream_choices(self, use, backend, streams, meta, prompt_tokens, metrics, shape, include_usage,
+                              deadline):
         """The general stream: n choices interleaved by index, logprobs per chunk, echo, and
         tool calls (an answer that may be a call is held back until it is complete)."""
         meta = {**meta, "object": "chat.completion.chunk" if shape.chat else "text_completion"}
@@ -270,9 +285,13 @@ class OpenAIOperations:
 
         async def pump(i: int) -> None:
             try:
-                async for d in streams[i]:
-                    metrics[i].on_delta(d)
-                    await events.put((i, d))
+                async with asyncio.timeout_at(deadline.next()) as timer:
+                    async for d in streams[i]:
+                        timer.reschedule(deadline.next())
+                        metrics[i].on_delta(d)
+                        await events.put((i, d))
+            except TimeoutError:
+                await events.put((i, deadline.error()))
             except BaseException as exc:  # noqa: BLE001 - handed to the client's stream below
                 await events.put((i, exc))
             finally:
@@ -379,6 +398,27 @@ class Shape:
             at += len(e.token)
         return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+class Deadline:
+    """A generation's time limits: in all (limits.request_timeout) and between two tokens
+    (limits.stall_timeout). Running past one cancels the engine's work as a disconnect does."""
+
+    def __init__(self, total: float, stall: float):
+        self.loop = asyncio.get_running_loop()
+        self.total, self.stall = total, stall
+        self.end = self.loop.time() + total
+
+    def next(self) -> float:
+        """When the generation times out unless another token comes first."""
+        return min(self.end, self.loop.time() + self.stall)
+
+    def error(self) -> APIError:
+        if self.loop.time() >= self.end - 0.01:
+            why = f"it ran longer than {self.total:g} s (limits.request_timeout)"
+        else:
+            why = f"no token came for {self.stall:g} s (limits.stall_timeout)"
+        return APIError(f"The generation was stopped: {why}.", status=504, type="server_error", code="timeout")
 
 
 _HINTS = {

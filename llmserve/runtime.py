@@ -33,6 +33,7 @@ class Runtime:
         setup_logging(self.settings.log_level, self.settings.log_format)
         log_startup(self.manager.list_models(), self.settings.load_on_demand)
         self._preload = asyncio.create_task(self.manager.preload())
+        self._expiry = asyncio.create_task(self.manager.expire_idle())
         if wait:
             await self._preload
 
@@ -44,6 +45,8 @@ class Runtime:
         return default is None or default.failure() is None
 
     async def stop(self) -> None:
+        if getattr(self, "_expiry", None):
+            self._expiry.cancel()
         await self.manager.shutdown()
 
     def asgi_app(self) -> Starlette:

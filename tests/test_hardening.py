@@ -29,6 +29,8 @@ def guarded():
         "LLMSERVE_LIMITS__MAX_BODY_BYTES": "65536",
         "LLMSERVE_MODELS__SMOLLM2__MAX_PENDING": "2",
         "LLMSERVE_MODELS__MINILM__PRELOAD": "false",
+        "LLMSERVE_MODELS__MINILM__KEEP_ALIVE": "2",
+        "LLMSERVE_LIMITS__REQUEST_TIMEOUT": "8",
     }, name="test-server-guarded")
     yield server
     server.stop()
@@ -117,6 +119,35 @@ def test_past_max_pending_a_model_answers_429_with_retry_after_and_serves_the_re
     for r in served:
         assert r.json()["usage"]["completion_tokens"] == 48
     assert client(guarded, INFERENCE).post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_generation_past_request_timeout_ends_with_504_and_frees_its_place(guarded):
+    inf = client(guarded, INFERENCE)
+    body = {**CHAT, "max_tokens": 2000, "ignore_eos": True}  # ~20 s or more on 2 cores
+    started = time.monotonic()
+    r = inf.post("/v1/chat/completions", json=body)
+    assert_openai_error(r, 504, code="timeout", contains="request_timeout")
+    assert 7.5 < time.monotonic() - started < 20
+    with inf.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        events = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert '"timeout"' in events[-2] and events[-1] == "data: [DONE]"
+    deadline = time.monotonic() + 5
+    while inf.get("/models/smollm2").json()["running_requests"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert inf.get("/models/smollm2").json()["running_requests"] == 0
+
+
+def test_an_idle_model_unloads_after_its_keep_alive_and_loads_again_on_demand(guarded):
+    inf = client(guarded, INFERENCE)
+    assert inf.post("/v1/embeddings", json={"model": "minilm", "input": "a cat"}).status_code == 200
+    assert inf.get("/models/minilm").json()["loaded"] is True
+    deadline = time.monotonic() + 10  # keep_alive 2 s
+    while inf.get("/models/minilm").json()["loaded"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert inf.get("/models/minilm").json()["loaded"] is False
+    log = (ROOT / ".cache" / "test-server-guarded.log").read_text()
+    assert "unloaded minilm (idle for" in log
+    assert inf.post("/v1/embeddings", json={"model": "minilm", "input": "a dog"}).status_code == 200
 
 
 def test_cors_is_off_unless_configured(guarded):
