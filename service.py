@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from llmserve.config import load_settings
 from llmserve.errors import APIError
-from llmserve.routes import NativeAPIKeys, app, respond
+from llmserve.routes import ControlCharacterPaths, NativeAPIKeys, app, respond
 from llmserve.runtime import Runtime
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmserve.tracing import EXCLUDED_URLS, GenerationRouteSpans
@@ -106,3 +106,4 @@ class LLMService:
 
 LLMService.add_asgi_middleware(GenerationRouteSpans)
 LLMService.add_asgi_middleware(NativeAPIKeys, settings=settings)
+LLMService.add_asgi_middleware(ControlCharacterPaths)

@@ -165,6 +165,9 @@ class OpenAIOperations:
         backend = await use.__aenter__()
         try:
             prompt_ids = await encode(backend)
+            if not prompt_ids:  # e.g. "" for a model that adds no BOS: nothing to continue from
+                raise InvalidRequest("The prompt is empty: give at least one token of text.",
+                                     param="messages" if chat else "prompt", code="empty_prompt")
             params = self._sampling(req, len(prompt_ids), backend)
             # n choices are n generations of the same prompt (seeded ones with seed, seed+1, ...)
             choices = [params if i == 0 else replace(params, seed=None if params.seed is None else params.seed + i)

@@ -231,3 +231,19 @@ async def _unexpected(request: Request, exc: Exception):
     body = {"error": {"message": f"Internal error: {type(exc).__name__}: {exc}", "type": "server_error",
                       "param": None, "code": None}}
     return JSONResponse(body, status_code=500)
+
+
+class ControlCharacterPaths:
+    """An OpenAI-shaped 404 for paths with control characters (a decoded %0A): no route
+    takes them, and Starlette's mount pattern skips them, so the platform would answer with
+    a plain-text 404 (found by schemathesis)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and any(ord(c) < 32 for c in path):
+            err = APIError(f"Unknown route: {scope.get('method')} {path!r}", status=404, code="not_found")
+            return await JSONResponse(err.body(), status_code=404)(scope, receive, send)
+        await self.app(scope, receive, send)

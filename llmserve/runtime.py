@@ -15,7 +15,7 @@ from .config import Settings
 from .logs import log_startup, setup_logging
 from .manager import ModelManager
 from .openai_api import OpenAIOperations
-from .routes import BodyLimit, app
+from .routes import BodyLimit, ControlCharacterPaths, app
 
 
 class Runtime:
@@ -49,7 +49,7 @@ class Runtime:
             self._expiry.cancel()
         await self.manager.shutdown()
 
-    def asgi_app(self) -> Starlette:
+    def asgi_app(self):
         """The HTTP surface with /livez and /readyz of its own, for platforms that (unlike
         BentoML) do not add them."""
 
@@ -60,7 +60,8 @@ class Runtime:
             ok = self.ready()
             return PlainTextResponse("ok" if ok else "loading", status_code=200 if ok else 503)
 
-        return Starlette(routes=[Route("/livez", livez), Route("/readyz", readyz), Mount("/", app=app)])
+        return ControlCharacterPaths(
+            Starlette(routes=[Route("/livez", livez), Route("/readyz", readyz), Mount("/", app=app)]))
 
 
 _middleware_added = False

@@ -15,6 +15,7 @@ import json
 import uuid
 from typing import Any, Optional
 
+from .errors import InvalidRequest
 from .schemas import ChatCompletionRequest, NamedToolChoice, Tool
 
 PROMPT = (
@@ -31,12 +32,12 @@ def active(req: ChatCompletionRequest) -> list[Tool]:
 def render(req: ChatCompletionRequest) -> list[dict[str, str]]:
     """The conversation as plain role/content messages, with the tools' description."""
     messages = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         if m.role == "tool":
             messages.append({"role": "user", "content": f"Result of call {m.tool_call_id}: {m.text()}"})
         elif m.tool_calls:
-            calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
-                     for c in m.tool_calls]
+            calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments, f"messages.{i}.tool_calls.{k}")}
+                     for k, c in enumerate(m.tool_calls)]
             messages.append({"role": "assistant", "content": json.dumps(calls[0] if len(calls) == 1 else calls)})
         else:
             messages.append({"role": m.role, "content": m.text()})
@@ -49,6 +50,14 @@ def render(req: ChatCompletionRequest) -> list[dict[str, str]]:
         else:
             messages.insert(0, {"role": "system", "content": prompt})
     return messages
+
+
+def _arguments(text: str, where: str) -> Any:
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        raise InvalidRequest(f"{where}.function.arguments is not valid JSON: {text[:80]!r}",
+                             param=f"{where}.function.arguments") from None
 
 
 def _call_schema(tool: Tool) -> dict[str, Any]:

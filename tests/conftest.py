@@ -76,3 +76,11 @@ def smollm2_token_id():
         return ids[0]
 
     return token_id
+
+
+@pytest.fixture(scope="session")
+def api_schema(server):
+    """The service's OpenAPI schema, for schemathesis (tests/test_fuzz.py)."""
+    import schemathesis
+
+    return schemathesis.openapi.from_url(f"{server.url}/v1/openapi.json")

@@ -1,0 +1,55 @@
+"""Schemathesis over the service's own OpenAPI schema (/v1/openapi.json), against the session's
+real server: bodies that fit the schema and bodies that break it. No answer may be a server
+error or break the schema, and every error must be OpenAI-shaped. Bounded: a few dozen
+examples per route, small max_tokens; load/unload are left out (a load of an alias whose model
+is not on this machine is a legitimate 500 naming why)."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+
+from tests.conftest import GENERATIVE
+
+
+
+def _bounded(body):
+    """Keeps generations short, and on the models this suite runs."""
+    if isinstance(body, dict):
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int) and body[key] > 4:
+                body[key] = 4
+        if isinstance(body.get("n"), int) and body["n"] > 2:
+            body["n"] = 2
+        if isinstance(body.get("model"), str) and body["model"] not in GENERATIVE + ["minilm"]:
+            body["model"] = "smollm2"
+    return body
+
+
+def operations(schema):
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if not (operation.method.upper() == "POST" and operation.path.endswith(("/load", "/unload"))):
+            yield operation
+
+
+def test_no_input_makes_a_server_error_or_an_unshaped_error(api_schema):
+    checked = []
+    for operation in operations(api_schema):
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def fuzz(case):
+            case.body = _bounded(case.body)
+            response = case.call(timeout=60)
+            assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
+            if response.status_code >= 400:
+                try:
+                    error = response.json()["error"]
+                except ValueError:
+                    raise AssertionError(("not JSON", case.method, case.path, case.path_parameters, case.query,
+                                          response.status_code, response.text[:200])) from None
+                assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+
+        fuzz()
+        checked.append(f"{operation.method.upper()} {operation.path}")
+    assert any("chat/completions" in c for c in checked) and any("embeddings" in c for c in checked), checked
