@@ -159,6 +159,14 @@ class ModelConfig(_Strict):
         args = self.engine_args()
         return args.concurrency if args is not None else 1
 
+    def size_on_disk(self) -> int:
+        """Bytes of the model's files: the first estimate of the memory a load takes."""
+        location = self.location()
+        if not isinstance(location, Path):
+            return 0
+        files = [location] if location.is_file() else [f for f in location.rglob("*") if f.is_file()]
+        return sum(f.stat().st_size for f in files)
+
     def pending_limit(self) -> int:
         return self.max_pending or 8 * self.concurrency()
 
@@ -168,6 +176,9 @@ class Limits(_Strict):
     default_max_tokens: int = Field(256, ge=1)  # when a request gives none
     max_prompt_chars: int = Field(200_000, ge=1)
     max_loaded_models: int = Field(4, ge=1)
+    # resident memory (bytes) the server may hold in models: a load that would pass it first
+    # unloads idle models, least recently used first, and is refused (507) when that is not enough
+    memory_budget_bytes: Optional[int] = Field(None, ge=1)
     max_embedding_inputs: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies get a 413
     request_timeout: float = Field(600, gt=0)  # seconds a generation may take in all

@@ -57,6 +57,7 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {a: asyncio.Lock() for a in settings.models}
         self._in_flight: dict[str, int] = {a: 0 for a in settings.models}
         self._last_used: dict[str, float] = {}
+        self._measured: dict[str, int] = {}  # resident memory each alias's last load took
         self._loading: dict[str, float] = {}  # alias -> when its load started (epoch seconds)
         self._waiting: dict[str, int] = {a: 0 for a in settings.models}  # requests waiting for a load
         self._loaded_at: dict[str, float] = {}
@@ -159,6 +160,7 @@ class ModelManager:
                                    "gpu_bytes": None if gpu is None or gpu_now is None else max(0, gpu_now - gpu)}
             self.errors.pop(alias, None)
             self.loaded[alias] = backend
+            self._measured[alias] = max(0, self._memory[alias]["rss_bytes"] or 0)
             self._loaded_at[alias] = time.time()
             self._last_used[alias] = time.monotonic()
             waited = self._waiting[alias]
@@ -199,23 +201,41 @@ class ModelManager:
             await self.unload(alias, drain_timeout=0, reason="server shutting down")
 
     async def _make_room(self, alias: str) -> None:
-        """Unloads the least recently used idle model when the limit is reached."""
-        limit = self.settings.limits.max_loaded_models
-        while len(self.loaded) >= limit:
-            idle = [a for a in self.loaded if not self._in_flight[a] and a != alias]
-            if not idle:
-                raise APIError(
-                    f"{limit} models are loaded (limits.max_loaded_models) and all are busy; "
-                    "retry later or unload one with POST /models/{name}/unload.",
-                    status=503,
-                    type="server_error",
-                    code="too_many_models",
-                )
-            victim = min(idle, key=lambda a: self._last_used.get(a, 0))
-            await self.loaded.pop(victim).unload()
-            self._forget(victim)
-            log.info("unloaded %s (evicted: the least recently used idle model, to make room for %s; "
-                     "limits.max_loaded_models is %d)", victim, alias, limit)
+        """Unloads least recently used idle models while the loaded-model limit is reached or
+        the memory budget would be passed; refuses the load when that cannot make room."""
+        limits = self.settings.limits
+        while len(self.loaded) >= limits.max_loaded_models:
+            await self._evict_one(alias, f"limits.max_loaded_models is {limits.max_loaded_models}",
+                                  f"{limits.max_loaded_models} models are loaded (limits.max_loaded_models) and all "
+                                  "are busy", "too_many_models")
+        budget = limits.memory_budget_bytes
+        if budget is None:
+            return
+        need = self._expected_memory(alias)
+        while rss_bytes() + need > budget:
+            if not self.loaded:
+                raise APIError(f"Loading {alias!r} needs about {mib(need)} but the memory budget is {mib(budget)} "
+                               f"(limits.memory_budget_bytes) and {mib(rss_bytes())} is in use with no model loaded; "
+                               "raise the budget or pick a smaller model.", status=507, type="server_error",
+                               code="memory_budget")
+            await self._evict_one(alias, f"the memory budget is {mib(budget)}",
+                                  f"Loading {alias!r} needs about {mib(need)} beyond the {mib(rss_bytes())} in use, "
+                                  f"over the memory budget of {mib(budget)} (limits.memory_budget_bytes), and every "
+                                  "loaded model is busy", "memory_budget", status=507)
+
+    def _expected_memory(self, alias: str) -> int:
+        """What loading ``alias`` took last time in this process, else its files' size."""
+        seen = self._measured.get(alias)
+        return seen if seen is not None else self.config(alias).size_on_disk()
+
+    async def _evict_one(self, alias: str, why: str, refusal: str, code: str, status: int = 503) -> None:
+        idle = [a for a in self.loaded if not self._in_flight[a] and a != alias]
+        if not idle:
+            raise APIError(f"{refusal}; retry later or unload one with POST /models/{{name}}/unload.",
+                           status=status, type="server_error", code=code)
+        victim = min(idle, key=lambda a: self._last_used.get(a, 0))
+        await self._drop(victim, self.loaded.pop(victim),
+                         f"evicted: the least recently used idle model, to make room for {alias}; {why}")
 
     # -- serving ------------------------------------------------------------------------
     @asynccontextmanager

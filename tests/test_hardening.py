@@ -173,3 +173,28 @@ def test_sigterm_leaves_no_engine_process_behind():
         assert not left, f"processes left after SIGTERM: {left}"
     finally:
         server.stop()
+
+
+async def test_past_the_memory_budget_an_idle_model_is_evicted_first_and_a_load_that_cannot_fit_is_refused():
+    """In-process, real engines: the budget is set from this process's own memory, so that
+    loading minilm only fits once the idle smollm2 is unloaded; then a budget nothing fits in."""
+    from llmserve.config import load_settings
+    from llmserve.errors import APIError
+    from llmserve.logs import rss_bytes
+    from llmserve.manager import ModelManager
+
+    manager = ModelManager(load_settings())
+    try:
+        await manager.load("smollm2")
+        need = manager._expected_memory("minilm")
+        manager.settings.limits.memory_budget_bytes = rss_bytes() + need - 1  # one byte short
+        await manager.load("minilm")
+        assert set(manager.loaded) == {"minilm"}, "smollm2 (idle) should have made room"
+        manager.settings.limits.memory_budget_bytes = 1
+        with pytest.raises(APIError) as refused:
+            await manager.load("smollm2")
+        assert refused.value.status == 507 and refused.value.code == "memory_budget"
+        assert "limits.memory_budget_bytes" in refused.value.message
+        assert set(manager.loaded) == set()  # minilm was idle, so it went first; still no room
+    finally:
+        await manager.shutdown()
