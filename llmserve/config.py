@@ -183,6 +183,7 @@ class Limits(_Strict):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies get a 413
     request_timeout: float = Field(600, gt=0)  # seconds a generation may take in all
     stall_timeout: float = Field(120, gt=0)  # seconds without a new token before a generation is ended
+    drain_timeout: float = Field(30, ge=0)  # seconds an unload or shutdown lets running requests finish
 
 
 class ServiceResources(_Strict):

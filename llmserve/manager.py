@@ -169,8 +169,12 @@ class ModelManager:
                      f"; {waited} request(s) waited for it" if waited else "")
             return backend.describe()
 
-    async def unload(self, alias: str, drain_timeout: float = 30.0, reason: str = "requested") -> bool:
+    async def unload(self, alias: str, drain_timeout: float | None = None, reason: str = "requested") -> bool:
+        """Unloads ``alias`` once its running requests finish, or after ``drain_timeout``
+        (limits.drain_timeout) ends the rest with an error event."""
         self.config(alias)
+        if drain_timeout is None:
+            drain_timeout = self.settings.limits.drain_timeout
         async with self._locks[alias]:
             backend = self.loaded.pop(alias, None)
             if backend is None:
@@ -198,7 +202,7 @@ class ModelManager:
 
     async def shutdown(self) -> None:
         for alias in list(self.loaded):
-            await self.unload(alias, drain_timeout=0, reason="server shutting down")
+            await self.unload(alias, reason="server shutting down")  # running streams get drain_timeout
 
     async def _make_room(self, alias: str) -> None:
         """Unloads least recently used idle models while the loaded-model limit is reached or

@@ -31,6 +31,7 @@ def guarded():
         "LLMSERVE_MODELS__MINILM__PRELOAD": "false",
         "LLMSERVE_MODELS__MINILM__KEEP_ALIVE": "2",
         "LLMSERVE_LIMITS__REQUEST_TIMEOUT": "8",
+        "LLMSERVE_LIMITS__DRAIN_TIMEOUT": "1",
     }, name="test-server-guarded")
     yield server
     server.stop()
@@ -145,9 +146,67 @@ def test_an_idle_model_unloads_after_its_keep_alive_and_loads_again_on_demand(gu
     while inf.get("/models/minilm").json()["loaded"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert inf.get("/models/minilm").json()["loaded"] is False
-    log = (ROOT / ".cache" / "test-server-guarded.log").read_text()
-    assert "unloaded minilm (idle for" in log
+    log_path, deadline = ROOT / ".cache" / "test-server-guarded.log", time.monotonic() + 10
+    while "unloaded minilm (idle for" not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the line comes once the engine has let go, after the list says unloaded
+    assert "unloaded minilm (idle for" in log_path.read_text()
     assert inf.post("/v1/embeddings", json={"model": "minilm", "input": "a dog"}).status_code == 200
+
+
+def test_an_unload_under_load_ends_what_outlives_the_drain_with_an_error_and_the_model_loads_again(guarded):
+    import threading
+
+    inf, admin = client(guarded, INFERENCE), client(guarded, ADMIN)
+    events: list[str] = []
+
+    def long_stream():
+        body = {**CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with inf.stream("POST", "/v1/chat/completions", json=body) as r:
+            events.extend(line for line in r.iter_lines() if line.startswith("data: "))
+
+    streaming = threading.Thread(target=long_stream)
+    streaming.start()
+    time.sleep(1)
+    started = time.monotonic()
+    assert admin.post("/models/smollm2/unload").json()["was_loaded"] is True
+    assert time.monotonic() - started < 5  # drain_timeout 1 s, then the unload
+    streaming.join(timeout=30)
+    assert not streaming.is_alive()
+    assert "unloaded while this request ran" in events[-2] and events[-1] == "data: [DONE]"
+    # load_on_demand: the next request brings it back
+    assert inf.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_stall_past_stall_timeout_ends_the_generation_naming_the_setting():
+    """In-process on llama.cpp: a stall_timeout shorter than the time to the first token."""
+    import asyncio
+
+    from llmserve.config import load_settings
+    from llmserve.errors import APIError
+    from llmserve.manager import ModelManager
+    from llmserve.openai_api import OpenAIOperations
+    from llmserve.schemas import ChatCompletionRequest
+
+    async def run():
+        settings = load_settings()
+        settings.limits.stall_timeout = 0.001
+        manager = ModelManager(settings)
+        try:
+            await manager.load("smollm2")
+            ops = OpenAIOperations(manager, settings)
+            with pytest.raises(APIError) as stalled:
+                await ops.chat(ChatCompletionRequest.model_validate({**CHAT, "max_tokens": 64}))
+            assert stalled.value.status == 504 and "limits.stall_timeout" in stalled.value.message
+            backend = manager.loaded["smollm2"]
+            for _ in range(40):  # the step loop frees the slot of a cancelled request at its next step
+                if backend.running_requests() == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert backend.running_requests() == 0
+        finally:
+            await manager.shutdown()
+
+    asyncio.run(run())
 
 
 def test_cors_is_off_unless_configured(guarded):
@@ -164,7 +223,22 @@ def test_sigterm_leaves_no_engine_process_behind():
         assert r.status_code == 200
         family = [psutil.Process(p) for p in server.pids()]
         assert len(family) > 1
+        # a stream running when SIGTERM comes is let finish (limits.drain_timeout)
+        import threading
+
+        events: list[str] = []
+
+        def stream():
+            body = {**CHAT, "max_tokens": 24, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as s:
+                events.extend(line for line in s.iter_lines() if line.startswith("data: "))
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        time.sleep(0.5)
         os.kill(server.proc.pid, signal.SIGTERM)
+        streaming.join(timeout=60)
+        assert events and events[-1] == "data: [DONE]" and '"finish_reason": "length"' in events[-2], events[-3:]
         server.proc.wait(timeout=60)
         deadline = time.monotonic() + 30
         while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family) and time.monotonic() < deadline:
