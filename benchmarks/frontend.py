@@ -42,7 +42,8 @@ VARIANTS = {
 
 def stub_service(log_path: Path, variant: str) -> ServerProcess:
     config = {"default_model": "stub", "load_on_demand": False, "limits": {"max_tokens": 100000},
-              "models": {"stub": {"source": "stub", "backend": "benchmarks.stub_engine:StubBackend", "preload": True}}}
+              "models": {"stub": {"source": "stub", "backend": "benchmarks.stub_engine:StubBackend", "preload": True,
+                                  "max_pending": 100_000}}}  # no queue bound: the front end alone is measured
     cfg = Path(tempfile.mkstemp(prefix="frontend-", suffix=".yaml")[1])
     cfg.write_text(yaml.safe_dump(config))
     env = {"LLMSERVE_CONFIG": str(cfg)}
