@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from llmserve.config import load_settings
 from llmserve.errors import APIError
-from llmserve.routes import ControlCharacterPaths, NativeAPIKeys, app, respond
+from llmserve.routes import ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
 from llmserve.runtime import Runtime
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmserve.tracing import EXCLUDED_URLS, GenerationRouteSpans
@@ -46,7 +46,7 @@ async def as_response(make) -> Response:
     try:
         result = await make()
     except APIError as exc:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(exc)  # a 429 keeps its Retry-After here too
     return JSONResponse(result) if isinstance(result, dict) else respond(result)
 
 

@@ -34,6 +34,11 @@ def ops(request: Request) -> OpenAIOperations:
     return request.app.state.ops
 
 
+def error_response(exc: APIError) -> JSONResponse:
+    """The OpenAI-shaped answer of an APIError, headers (Retry-After) included."""
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
 def _matches(key: bytes, keys: list[bytes]) -> bool:
     # compared in constant time, against every key (no early exit that a timing could reveal)
     return bool(key) and sum(hmac.compare_digest(key, k) for k in keys) > 0
@@ -116,7 +121,7 @@ class BodyLimit:
     async def _too_large(send, limit: int) -> None:
         err = APIError(f"The request body is larger than this server's limit of {limit} bytes "
                        "(limits.max_body_bytes).", status=413, code="request_too_large")
-        await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)
+        await error_response(err)({"type": "http"}, None, send)
 
 
 class _TooLarge(BaseException):
@@ -140,7 +145,7 @@ class NativeAPIKeys:
             try:
                 authorize(self.settings, headers.get("authorization", ""), admin=path in self.ADMIN)
             except APIError as exc:
-                return await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, send)
+                return await error_response(exc)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -209,20 +214,20 @@ app.include_router(admin_router)
 async def _api_error(request: Request, exc: APIError):
     if exc.status >= 500:
         log.error("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return error_response(exc)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     err = validation_error_to_api_error(list(exc.errors()))
-    return JSONResponse(err.body(), status_code=err.status)
+    return error_response(err)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     kind = "not_found" if exc.status_code == 404 else None
     err = APIError(f"{exc.detail}: {request.method} {request.url.path}", status=exc.status_code, code=kind)
-    return JSONResponse(err.body(), status_code=exc.status_code)
+    return error_response(err)
 
 
 @app.exception_handler(Exception)
@@ -245,5 +250,5 @@ class ControlCharacterPaths:
         path = scope.get("path", "")
         if scope["type"] == "http" and any(ord(c) < 32 for c in path):
             err = APIError(f"Unknown route: {scope.get('method')} {path!r}", status=404, code="not_found")
-            return await JSONResponse(err.body(), status_code=404)(scope, receive, send)
+            return await error_response(err)(scope, receive, send)
         await self.app(scope, receive, send)
