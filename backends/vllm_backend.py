@@ -37,8 +37,8 @@ def engine_kwargs(args: VllmArgs, model: str, engine_fields: set[str]) -> dict:
         if value is None:
             continue
         if name not in engine_fields:
-            if name == "swap_space":  # removed from newer vLLM releases: nothing to size
-                log.warning("this vLLM has no swap_space setting; ignoring swap_space=%s", value)
+            if name == "swap_space":
+                kwargs.update(_swap_space(args, value, engine_fields))
                 continue
             raise InvalidRequest(f"vllm.{name} is not an engine argument of the installed vLLM", param=name)
         kwargs[name] = value
@@ -49,6 +49,18 @@ def engine_kwargs(args: VllmArgs, model: str, engine_fields: set[str]) -> dict:
         )
     kwargs.update(args.extra)
     return kwargs
+
+
+def _swap_space(args: VllmArgs, gib: float, engine_fields: set[str]) -> dict:
+    """vLLM's V1 engine has no swap space (a preempted request is recomputed); the CPU tier it
+    has for KV blocks is KV offloading, sized in total over all ranks where swap_space was GiB
+    per GPU. Without either, the setting is a configuration error, not silently dropped."""
+    if "kv_offloading_size" not in engine_fields:
+        raise InvalidRequest("vllm.swap_space: the installed vLLM has neither swap space nor KV offloading; "
+                             "remove swap_space from the alias", param="vllm.swap_space")
+    total = gib * args.tensor_parallel_size * args.pipeline_parallel_size
+    log.info("vllm.swap_space=%s GiB per GPU -> kv_offloading_size=%s GiB (vLLM's CPU KV tier)", gib, total)
+    return {"kv_offloading_size": total}
 
 
 class VllmBackend(Backend):
@@ -77,6 +89,9 @@ class VllmBackend(Backend):
         kwargs["trust_remote_code"] = self.config.trust_remote_code  # off unless the alias says so
         if self.config.tokenizer:
             kwargs["tokenizer"] = self.config.tokenizer
+        if args.tensor_parallel_size > 1 and os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
+            # a host that forbids NVLink multicast: vLLM's symmetric-memory all-reduce would use it
+            os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
         if args.kv_cache_space_gib is not None:  # CPU backend: KV cache size in GiB
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(args.kv_cache_space_gib))
         try:

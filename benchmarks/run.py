@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/run.py --backends vllm --concurrency 1 8 32 --duration 60
     .venv/bin/python benchmarks/run.py --calibrate           # the load generator against a stub
 
-Each cell (backend x concurrency x target) gets a fresh server on 127.0.0.1, the same model
-and settings: target `service` is `bentoml serve` with only that alias loaded, target `raw`
+Each cell (backend x concurrency x target) gets a fresh server on 127.0.0.1 (with
+--reuse-server one server per backend x target serves all its concurrencies, as for GPU runs
+where a start takes minutes), the same model and settings: target `service` is `bentoml serve` with only that alias loaded, target `raw`
 is the engine's own OpenAI server (vLLM's api_server, llama_cpp.server with
 interrupt_requests off, `transformers serve --continuous-batching`); target `inprocess` (on
 request) drives the alias's backend in-process, without HTTP. Locust streams chats at the cell's
@@ -81,7 +82,9 @@ def service_server(alias: str, config_path: Path | None, log_path: Path) -> Serv
         data["embedding_model"] = alias
     cfg = Path(tempfile.mkstemp(prefix="bench-config-", suffix=".yaml")[1])
     cfg.write_text(yaml.safe_dump(data))
-    return bentoml_serve(log_path, {"LLMSERVE_CONFIG": str(cfg)})
+    server = bentoml_serve(log_path, {"LLMSERVE_CONFIG": str(cfg)})
+    server.config_path = cfg
+    return server
 
 
 # the raw servers that reject vLLM's ignore_eos extension (422): their requests stop at EOS
@@ -103,26 +106,26 @@ def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Pat
             cmd += ["--n_threads", str(a.n_threads)]
         return ServerProcess(cmd, port, log_path, {}, "/v1/models")
     if backend == "vllm":
+        import dataclasses
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
         from backends.convert import gguf_to_hf_dir
-        from backends.vllm_backend import _ENGINE_FIELDS
+        from backends.vllm_backend import engine_kwargs
 
         if str(location).endswith(".gguf"):
             location = gguf_to_hf_dir(Path(location))
         a = cfg.vllm
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(location),
-               "--served-model-name", alias, "--host", "127.0.0.1", "--port", str(port),
-               "--disable-log-stats"]
-        for name in _ENGINE_FIELDS:
-            value = getattr(a, name)
-            if value is None or name == "swap_space":
-                continue
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--served-model-name", alias,
+               "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats"]
+        # the same engine arguments the service's backend passes (swap_space mapped the same way)
+        fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        for name, value in engine_kwargs(a, str(location), fields).items():
             flag = "--" + name.replace("_", "-")
             if isinstance(value, bool):
                 cmd += [flag] if value else []
             else:
                 cmd += [flag, str(value)]
-        for name, value in a.extra.items():
-            cmd += ["--" + name.replace("_", "-"), str(value)]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(int(a.kv_cache_space_gib))} if a.kv_cache_space_gib else {}
         return ServerProcess(cmd, port, log_path, env, "/health")
     if backend == "transformers":
@@ -191,32 +194,116 @@ def summarize(cell: Cell, rows: list[dict]) -> None:
     cell.ok = cell.failures == 0
 
 
-def run_cell(backend: str, target: str, c: int, args, out_root: Path) -> Cell:
+def start_server(backend: str, target: str, alias: str, args, log_path: Path) -> ServerProcess:
+    if target == "stub":
+        return stub_server(args.stub_rate, log_path)
+    if target == "service":
+        return service_server(alias, args.config, log_path)
+    return raw_server(backend, alias, args.config, log_path)
+
+
+def gpu_pids() -> set[int] | None:
+    """PIDs holding a GPU context (nvidia-smi), or None where there is no NVIDIA driver."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {int(x) for x in r.stdout.split() if x.strip().isdigit()} if r.returncode == 0 else None
+
+
+def stop_server(server: ServerProcess, record: dict) -> None:
+    """Stops the server (SIGTERM to its process group) and records, on a GPU machine, whether
+    any process of its tree still holds a GPU or is still alive afterwards."""
+    import psutil
+
+    try:
+        tree = set(server.pids())
+    except psutil.NoSuchProcess:
+        tree = set()
+    on_gpu = gpu_pids()
+    procs = []
+    for pid in tree:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    started = time.monotonic()
+    server.stop()
+    _, alive = psutil.wait_procs(procs, timeout=60)  # engine workers may outlive their parent a moment
+    record["stop_s"] = round(time.monotonic() - started, 1)
+    if on_gpu is not None:
+        record["gpu_processes_before_stop"] = len(tree & on_gpu)
+        record["gpu_processes_left"] = sorted(tree & (gpu_pids() or set()))
+    record["processes_left"] = sorted(p.pid for p in alive)
+
+
+def openai_smoke(url: str, model: str) -> dict:
+    """One chat and one streamed chat through the official openai client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": "Say hello."}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return {"chat_completion_tokens": chat.usage.completion_tokens, "stream_chunks": len(chunks),
+            "stream_chars": len(text)}
+
+
+class Servers:
+    """The running server of each (backend, target): a fresh one per cell, or with
+    --reuse-server the one started for the first cell, until the plan moves on."""
+
+    def __init__(self, args, out_root: Path):
+        self.args, self.out_root, self.current = args, out_root, None
+
+    def get(self, backend: str, target: str, alias: str, out: Path, cell: Cell) -> ServerProcess:
+        key = (backend, target)
+        if self.current and (self.current[0] != key or not self.args.reuse_server):
+            self.close()
+        if self.current is None:
+            server = start_server(backend, target, alias, self.args, out / "server.log")
+            self.current = (key, server, {"last_cell": cell})
+            cell.startup_s = server.wait_ready(self.args.startup_timeout)
+            log(f"  {backend}/{target}: server up in {cell.startup_s:.1f} s")
+            if target == "service":
+                # what `resources=` the BentoML service declared for this configuration
+                cell.extra["service_resources"] = load_settings(server.config_path).service_resources()
+                if self.args.smoke:
+                    cell.extra["openai_smoke"] = openai_smoke(server.url, alias)
+            warm_up(server.url, getattr(server, "model", alias))
+        self.current[2]["last_cell"] = cell
+        return self.current[1]
+
+    def close(self) -> None:
+        if self.current:
+            _, server, state = self.current
+            stop_server(server, state["last_cell"].extra.setdefault("shutdown", {}))
+            self.current = None
+
+
+def run_cell(backend: str, target: str, c: int, args, out_root: Path, servers: Servers) -> Cell:
     cell = Cell(backend, target, c)
     out = out_root / f"{backend}-{target}-c{c}"
     out.mkdir(parents=True)
-    alias = BACKEND_ALIAS[backend]
+    alias = args.alias or BACKEND_ALIAS[backend]
     if target == "inprocess":
         return run_inprocess_cell(cell, alias, args, out)
-    if target == "stub":
-        server = stub_server(args.stub_rate, out / "server.log")
-    elif target == "service":
-        server = service_server(alias, args.config, out / "server.log")
-    else:
-        server = raw_server(backend, alias, args.config, out / "server.log")
     try:
-        cell.startup_s = server.wait_ready(args.startup_timeout)
-        log(f"  {backend}/{target} c={c}: server up in {cell.startup_s:.1f} s, load for {args.duration:.0f} s")
+        server = servers.get(backend, target, alias, out, cell)
+        log(f"  {backend}/{target} c={c}: load for {args.duration:.0f} s")
         model = getattr(server, "model", alias)
-        warm_up(server.url, model)
         ignore_eos = not (target == "raw" and backend in NO_IGNORE_EOS)
         rows, extra = run_locust(server.url, model, c, args.duration, args, out, ignore_eos)
         cell.extra.update(extra)
         summarize(cell, rows)
     except Exception as exc:  # keep going: a failed cell is reported, not fatal
         cell.error = f"{type(exc).__name__}: {exc}"
+        servers.close()  # a server that failed a cell is not trusted with the next one
     finally:
-        server.stop()
+        if not args.reuse_server:
+            servers.close()
     status = "ok" if cell.ok else f"FAILED ({cell.error or f'{cell.failures} failed requests'})"
     log(f"  {backend}/{target} c={c}: {cell.tok_s:.1f} tok/s, TTFT p50 {cell.ttft_p50 * 1000:.0f} ms, "
         f"{cell.requests} requests, {status}")
@@ -249,7 +336,9 @@ def write_reports(cells: list[Cell], out: Path, meta: dict) -> None:
     by_target = {t: {(c.backend, c.concurrency): c for c in cells if c.target == t and c.ok} for t in ("raw", "inprocess")}
     lines = [f"# Benchmark {meta['started']}", "", f"`{meta['command']}`", "",
              f"Prompt ~{meta['prompt_words']} words, {meta['output_tokens']} output tokens (ignore_eos), "
-             f"{meta['duration']:.0f} s a cell, fresh server per cell, locust on 127.0.0.1.", "",
+             f"{meta['duration']:.0f} s a cell, "
+             f"{'one server per target' if meta.get('reuse_server') else 'fresh server per cell'}, "
+             "locust on 127.0.0.1.", "",
              "| backend | target | conc. | tok/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) | ITL p95 (ms) "
              "| requests | failures | service / raw | service / in-process |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -303,6 +392,11 @@ def parse_args(argv=None):
     p.add_argument("--stop-timeout", type=float, default=120.0, help="seconds locust lets running requests finish")
     p.add_argument("--locust-processes", type=int, default=os.cpu_count() or 1,
                    help="most locust processes per cell (one per 16 users)")
+    p.add_argument("--alias", default=None, help="the alias to serve instead of the backend's usual one")
+    p.add_argument("--reuse-server", action="store_true",
+                   help="one server per backend x target for all its concurrencies (GPU runs)")
+    p.add_argument("--smoke", action="store_true",
+                   help="before the load, one chat and one streamed chat through the openai client")
     p.add_argument("--quick", action="store_true", help="llama.cpp only, c = 1 and 8, 5 s a cell")
     p.add_argument("--calibrate", action="store_true",
                    help="run the load generator against a stub streaming at --stub-rate tokens/s per request")
@@ -329,15 +423,22 @@ def main(argv=None) -> int:
             [(b, t, c) for b in args.backends for t in args.targets for c in args.concurrency])
     meta = {"started": started, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
             "duration": args.duration, "output_tokens": args.output_tokens, "prompt_words": args.prompt_words,
-            "stub_rate": args.stub_rate if args.calibrate else None, "cpus": os.cpu_count()}
+            "stub_rate": args.stub_rate if args.calibrate else None, "cpus": os.cpu_count(),
+            "alias": args.alias, "reuse_server": args.reuse_server,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     log(f"{len(plan)} cells -> {out}")
     cells = []
-    for i, (backend, target, c) in enumerate(plan, 1):
-        log(f"cell {i}/{len(plan)}: {backend} / {target} / concurrency {c}")
-        if args.calibrate:
-            BACKEND_ALIAS.setdefault("stub", "stub")
-        cells.append(run_cell(backend, target, c, args, out))
-        write_reports(cells, out, meta)  # keep what is finished, whatever happens next
+    servers = Servers(args, out)
+    try:
+        for i, (backend, target, c) in enumerate(plan, 1):
+            log(f"cell {i}/{len(plan)}: {backend} / {target} / concurrency {c}")
+            if args.calibrate:
+                BACKEND_ALIAS.setdefault("stub", "stub")
+            cells.append(run_cell(backend, target, c, args, out, servers))
+            write_reports(cells, out, meta)  # keep what is finished, whatever happens next
+    finally:
+        servers.close()
+        write_reports(cells, out, meta)  # with the last server's shutdown record
     if args.calibrate:
         for c in cells:
             expected = c.concurrency * args.stub_rate

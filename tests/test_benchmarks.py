@@ -55,3 +55,20 @@ def test_a_target_answering_errors_fails_the_run_but_keeps_the_cells(tmp_path):
     (cell,) = data["cells"]
     assert not cell["ok"] and "400" in cell["error"]  # the warm-up chat was refused
     assert "cells failed" in r.stdout
+
+
+def test_reuse_server_serves_every_concurrency_from_one_server_and_stops_it_cleanly(tmp_path):
+    r = run(["--backends", "llamacpp", "--targets", "service", "--concurrency", "1", "2", "--duration", "3",
+             "--output-tokens", "8", "--reuse-server", "--smoke"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "out"
+    first, second = json.loads((out / "results.json").read_text())["cells"]
+    assert first["ok"] and second["ok"]
+    assert first["startup_s"] > 0 and second["startup_s"] == 0  # started once
+    assert (out / "llamacpp-service-c1" / "server.log").exists()
+    assert not (out / "llamacpp-service-c2" / "server.log").exists()
+    smoke = first["extra"]["openai_smoke"]  # a chat and a stream through the openai client
+    assert smoke["chat_completion_tokens"] >= 1 and smoke["stream_chunks"] >= 2 and smoke["stream_chars"] >= 1
+    assert first["extra"]["service_resources"] == {}  # no GPU alias preloaded
+    assert second["extra"]["shutdown"]["processes_left"] == []  # the last cell records the stop
+    assert "one server per target" in (out / "results.md").read_text()
