@@ -19,13 +19,16 @@ import shutil
 import uuid
 from pathlib import Path
 
-from llmserve.config import PROJECT_ROOT
-
 log = logging.getLogger("llmserve")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LLMSERVE_CACHE_DIR", PROJECT_ROOT / ".cache" / "models"))
+    """LLMSERVE_CACHE_DIR, else the user's cache directory (XDG): never the source tree, which
+    may be read-only (a container image's is)."""
+    if os.environ.get("LLMSERVE_CACHE_DIR"):
+        return Path(os.environ["LLMSERVE_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "llmserve" / "models"
 
 
 def gguf_to_hf_dir(gguf: Path) -> Path:

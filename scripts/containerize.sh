@@ -33,25 +33,30 @@ if [ -n "$base" ]; then
 fi
 [ -x .venv/bin/bentoml ] || fail ".venv is missing: run 'bash scripts/setup.sh' first"
 
-# this build's bentofile: the locked requirements of the variant, the base image, and where
-# torch's CPU build comes from (its index, or the wheel pip finds on this machine)
-mkdir -p build/image
-wheel=$(ls "$(pip config get global.find-links 2>/dev/null || echo /nonexistent)"/torch-*+cpu-*.whl 2>/dev/null | head -1 || true)
-if [ -n "$wheel" ]; then  # BentoML takes wheels from inside the build context only
-  mkdir -p build/image/wheels && cp -u "$wheel" build/image/wheels/ && wheel=build/image/wheels/$(basename "$wheel")
+# this build's bentofile: the locked requirements of the variant, the base image, and the wheels
+# that go into the Bento (BentoML takes wheels from inside the build context only)
+rm -rf build/image && mkdir -p build/image/wheels
+# llama-cpp-python has no binary wheel on PyPI: the one compiled for .venv (pip's wheel cache
+# keeps it; compiled once here otherwise) goes in, so the image needs no compiler
+llama=$(grep -m1 '^llama-cpp-python==' "requirements/lock-$variant.txt")
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+  .venv/bin/pip wheel -q --no-deps "$llama" -w build/image/wheels || fail "could not build the $llama wheel"
+wheels=$(ls build/image/wheels/llama_cpp_python-*.whl)
+# torch's CPU build: the wheel pip finds on this machine, else its index
+torch=$(ls "$(pip config get global.find-links 2>/dev/null || echo /nonexistent)"/torch-*+cpu-*.whl 2>/dev/null | head -1 || true)
+if [ "$variant" = cpu ] && [ -n "$torch" ]; then
+  cp "$torch" build/image/wheels/ && wheels="$wheels build/image/wheels/$(basename "$torch")"
 fi
-.venv/bin/python - "$variant" "$base" "$wheel" <<'PY'
+.venv/bin/python - "$variant" "$base" "$torch" $wheels <<'PY'
 import sys, yaml
-variant, base, wheel = sys.argv[1:]
+variant, base, torch, *wheels = sys.argv[1:]
 bento = yaml.safe_load(open("bentofile.yaml"))
 py = bento["python"]
 py["requirements_txt"] = f"requirements/lock-{variant}.txt"
-if variant == "cpu":
-    if wheel:  # no route to download.pytorch.org here: the wheel goes into the Bento
-        py["wheels"], py["find_links"] = [wheel], ["/home/bentoml/bento/env/python/wheels"]  # BENTO_PATH
-    else:
-        py["extra_index_url"] = ["https://download.pytorch.org/whl/cpu"]
-        py["pip_args"] = "--index-strategy unsafe-best-match"
+py["wheels"], py["find_links"] = wheels, ["/home/bentoml/bento/env/python/wheels"]  # BENTO_PATH
+if variant == "cpu" and not torch:  # no local CPU torch: download.pytorch.org
+    py["extra_index_url"] = ["https://download.pytorch.org/whl/cpu"]
+    py["pip_args"] = "--index-strategy unsafe-best-match"
 if base:
     bento["docker"]["base_image"] = base
 yaml.safe_dump(bento, open("build/image/bentofile.yaml", "w"), sort_keys=False)

@@ -23,7 +23,11 @@ def build(tmp_path, **env) -> dict:
     bento = bento_yaml.parent
     files = {str(p.relative_to(bento)) for p in bento.rglob("*") if p.is_file()}
     assert {"src/service.py", "src/configuration.yaml", "src/llmserve/manager.py", "src/backends/base.py"} <= files
-    assert not any(f.startswith(("src/tests", "src/.venv")) for f in files)
+    assert not any(f.startswith(("src/tests", "src/.venv")) or "__pycache__" in f for f in files)
+    # every file of the two packages, subpackages and data files included
+    shipped = {str(p.relative_to(ROOT)) for d in ("backends", "llmserve") for p in (ROOT / d).rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert {f"src/{f}" for f in shipped} <= files
     assert any(f.startswith("env/docker") for f in files)
     return yaml.safe_load(bento_yaml.read_text())
 

@@ -1,6 +1,7 @@
-"""The image `scripts/containerize.sh` builds starts and answers, offline models included.
-Opt-in (the build takes ~8 minutes): `bash scripts/test_container.sh`, which builds the image
-and runs this with LLMSERVE_CONTAINER_TEST=1. Docker runs it where a daemon answers; here
+"""The image `scripts/containerize.sh` builds starts and answers, offline models included, as
+a user other than root, writes nothing into its source tree, and stops cleanly on SIGTERM.
+`bash scripts/test_container.sh` builds the image and runs this with LLMSERVE_CONTAINER_TEST=1
+(CI does, after the suite). Docker runs it where a daemon answers; here
 (no daemon, and podman's crun may not set rlimits in a sandbox) `buildah run` with chroot
 isolation runs the image's own entrypoint, on the host's network."""
 
@@ -35,20 +36,42 @@ def container():
     else:
         ctr = subprocess.run(["buildah", "from", "-q", f"localhost/{IMAGE}"], check=True, capture_output=True,
                              text=True).stdout.strip()
-        cmd = ["buildah", "run", "--isolation", "chroot", "--user", "bentoml", ctr, "--",
+        # the image's own user and entrypoint (no --user: what the image says is what runs)
+        cmd = ["buildah", "run", "--isolation", "chroot", ctr, "--",
                "/home/bentoml/bento/env/docker/entrypoint.sh", "--port", str(port)]
     server = ServerProcess(cmd, port, ROOT / ".cache" / "test-container.log")
+    server.ctr = None if docker_works() else ctr
     try:
         server.cold_start_s = server.wait_ready(300)
         yield server
     finally:
-        family = [psutil.Process(p) for p in server.pids()]
+        family = [psutil.Process(p) for p in server.pids() if psutil.pid_exists(p)]
         server.stop()
         for p in family:  # the chroot runner starts BentoML's workers in a session of their own
             if p.is_running():
                 p.kill()
         if not docker_works():
             subprocess.run(["buildah", "rm", ctr], capture_output=True)
+
+
+def in_container(container, *cmd: str) -> subprocess.CompletedProcess:
+    if container.ctr is None:
+        pytest.skip("checked through buildah only")
+    return subprocess.run(["buildah", "run", "--isolation", "chroot", container.ctr, "--", *cmd],
+                          capture_output=True, text=True, timeout=60)
+
+
+def servers_of(container) -> list[psutil.Process]:
+    """The service's Python processes (BentoML's arbiter and its workers) on this host."""
+    procs = []
+    for pid in container.pids():
+        try:
+            p = psutil.Process(pid)
+            if "python" in p.name() or any("bentoml" in part for part in p.cmdline()[:3]):
+                procs.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return procs
 
 
 def test_the_image_becomes_ready(container):
@@ -70,3 +93,33 @@ def test_chat_streaming_embeddings_and_models_answer_from_inside(container):
     assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) == 384
     models = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
     assert models["smollm2"]["loaded"] and models["minilm"]["loaded"]
+
+
+def test_the_service_runs_as_a_user_other_than_root(container):
+    procs = servers_of(container)
+    assert procs, "no service process found"
+    assert all(p.uids().real != 0 for p in procs), [(p.pid, p.name(), p.uids()) for p in procs]
+
+
+def test_nothing_is_written_into_the_source_tree(container):
+    # the first start converts the shipped GGUF (Q8_0): into the user's cache, not under src/
+    written = in_container(container, "find", "/home/bentoml/bento/src", "-newer",
+                           "/home/bentoml/bento/src/service.py", "-not", "-name", "__pycache__",
+                           "-not", "-path", "*/__pycache__/*")
+    assert written.returncode == 0 and written.stdout.strip() == "", written.stdout + written.stderr
+    cached = in_container(container, "sh", "-c", "ls /home/bentoml/.cache/llmserve/models")
+    assert ".Q8_0.gguf" in cached.stdout, cached.stdout + cached.stderr
+
+
+def test_no_compiler_in_the_image(container):
+    found = in_container(container, "sh", "-c", "command -v gcc cc cmake || true")
+    assert found.stdout.strip() == "", found.stdout
+
+
+def test_sigterm_stops_every_process_cleanly(container):
+    """Last: stops the container's service the way an orchestrator does."""
+    procs = servers_of(container)
+    arbiter = min(procs, key=lambda p: p.create_time())
+    arbiter.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=90)
+    assert not alive, [(p.pid, p.name()) for p in alive]  # none needed a SIGKILL
