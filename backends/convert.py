@@ -19,13 +19,13 @@ import shutil
 import uuid
 from pathlib import Path
 
-from llmserve.config import PROJECT_ROOT
 
 log = logging.getLogger("llmserve")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LLMSERVE_CACHE_DIR", PROJECT_ROOT / ".cache" / "models"))
+    """LLMSERVE_CACHE_DIR, else .cache/models in the project's folder."""
+    return Path(os.environ.get("LLMSERVE_CACHE_DIR", Path(__file__).resolve().parent.parent / ".cache" / "models"))
 
 
 def gguf_to_hf_dir(gguf: Path) -> Path:

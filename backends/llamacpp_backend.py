@@ -20,26 +20,11 @@ import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
-from backends.base import (
-    CHAT,
-    COMPLETION,
-    EMBEDDINGS,
-    Backend,
-    ByteDetokenizer,
-    Delta,
-    EmbeddingBatcher,
-    Embeddings,
-    EngineThread,
-    SamplingParams,
-    StepLoop,
-    StepRequest,
-    log_softmax,
-    release_memory,
-    template_error,
-    top_logprobs,
-)
-from backends.convert import gguf_requantize
-from llmserve.errors import EngineNotInstalled, InvalidRequest
+from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, release_memory
+from .convert import gguf_requantize
+from .errors import BadInput, NotInstalled, surface
+from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
+from .text import ByteDetokenizer, log_softmax, template_error, top_logprobs
 
 _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", "last": "LLAMA_POOLING_TYPE_LAST"}
 
@@ -58,7 +43,7 @@ class LlamaCppBackend(Backend):
         try:
             import llama_cpp
         except ImportError:
-            raise EngineNotInstalled("llamacpp", "llama_cpp", self.alias) from None
+            raise surface(NotInstalled("llamacpp", "llama_cpp", self.alias)) from None
         self._lib = llama_cpp
         self._thread = EngineThread(f"llamacpp-{self.alias}")
         await self._thread.call(self._load_sync)
@@ -168,11 +153,11 @@ class LlamaCppBackend(Backend):
         for i, text in enumerate(inputs):
             n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.llm.n_ctx():
-                raise InvalidRequest(
+                raise surface(BadInput(
                     f"input[{i}] has {n} tokens, more than this model's context of {self.llm.n_ctx()}.",
                     param="input",
                     code="context_length_exceeded",
-                )
+                ))
             tokens.append(n)
         vectors = self.llm.embed(inputs, normalize=True)
         return Embeddings([list(map(float, v)) for v in vectors], tokens)
@@ -253,7 +238,7 @@ class Scheduler(StepLoop):
             try:
                 slot.sampler = self._sampler(request.params, request.extra)
             except Exception as exc:  # this request's settings only: the others go on
-                request.emit(InvalidRequest(f"llama.cpp refused the sampling settings: {exc}"))
+                request.emit(surface(BadInput(f"llama.cpp refused the sampling settings: {exc}")))
                 self._release(slot)
 
     def _step(self) -> None:
@@ -382,8 +367,8 @@ def json_grammar(schema: dict) -> str:
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:
-        raise InvalidRequest(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
-                             param="response_format") from exc
+        raise surface(BadInput(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
+                             param="response_format")) from exc
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -19,26 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from .base import (
-    CHAT,
-    COMPLETION,
-    EMBEDDINGS,
-    Backend,
-    Delta,
-    EmbeddingBatcher,
-    Embeddings,
-    EngineThread,
-    IncrementalDetokenizer,
-    SamplingParams,
-    StepLoop,
-    StepRequest,
-    TokenLogprob,
-    hf_chat_ids,
-    log_softmax,
-    release_memory,
-    top_logprobs,
-)
-from llmserve.errors import EngineNotInstalled, InvalidRequest
+from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, TokenLogprob, release_memory
+from .errors import BadInput, NotInstalled, surface
+from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
+from .text import IncrementalDetokenizer, hf_chat_ids, log_softmax, top_logprobs
 
 
 def _import_engine(alias: str):
@@ -46,7 +30,7 @@ def _import_engine(alias: str):
         import torch
         import transformers
     except ImportError as exc:
-        raise EngineNotInstalled("transformers", exc.name or "transformers", alias) from None
+        raise surface(NotInstalled("transformers", exc.name or "transformers", alias)) from None
     return torch, transformers
 
 
@@ -164,7 +148,7 @@ class TransformersBackend(Backend):
         try:
             return self._grammar_compiler.compile_json_schema(json.dumps(schema))
         except Exception as exc:
-            raise InvalidRequest(f"Cannot constrain output to this JSON schema: {exc}", param="response_format") from exc
+            raise surface(BadInput(f"Cannot constrain output to this JSON schema: {exc}", param="response_format")) from exc
 
     async def embed(self, inputs: list[str]) -> Embeddings:
         return await self._embedder.embed(inputs)
@@ -178,12 +162,12 @@ class TransformersBackend(Backend):
         too_long = [i for i, n in enumerate(lengths) if n > self._ctx]
         if too_long:
             i = too_long[0]
-            raise InvalidRequest(
+            raise surface(BadInput(
                 f"input[{i}] has {lengths[i]} tokens, more than this model's maximum of {self._ctx}; "
                 "shorten or split it.",
                 param="input",
                 code="context_length_exceeded",
-            )
+            ))
         with torch.no_grad():
             hidden = self.model(**batch).last_hidden_state
         if args.pooling == "cls":

@@ -16,10 +16,11 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, TokenLogprob, hf_chat_ids, release_memory
-from llmserve.config import VllmArgs
+from .args import VllmArgs
+from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, TokenLogprob, release_memory
 from .convert import gguf_to_hf_dir
-from llmserve.errors import EngineNotInstalled, InvalidRequest
+from .errors import BadInput, NotInstalled, surface
+from .text import hf_chat_ids
 
 log = logging.getLogger("llmserve")
 
@@ -40,13 +41,13 @@ def engine_kwargs(args: VllmArgs, model: str, engine_fields: set[str]) -> dict:
             if name == "swap_space":  # removed from newer vLLM releases: nothing to size
                 log.warning("this vLLM has no swap_space setting; ignoring swap_space=%s", value)
                 continue
-            raise InvalidRequest(f"vllm.{name} is not an engine argument of the installed vLLM", param=name)
+            raise surface(BadInput(f"vllm.{name} is not an engine argument of the installed vLLM", param=name))
         kwargs[name] = value
     unknown = sorted(set(args.extra) - engine_fields)
     if unknown:
-        raise InvalidRequest(
+        raise surface(BadInput(
             f"unknown vLLM engine argument(s) in vllm.extra: {', '.join(unknown)}", param="vllm.extra"
-        )
+        ))
     kwargs.update(args.extra)
     return kwargs
 
@@ -64,7 +65,7 @@ class VllmBackend(Backend):
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError:
-            raise EngineNotInstalled("vllm", "vllm", self.alias) from None
+            raise surface(NotInstalled("vllm", "vllm", self.alias)) from None
         import vllm
 
         self._vllm = vllm
@@ -82,7 +83,7 @@ class VllmBackend(Backend):
         try:
             engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=True)
         except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"invalid vLLM engine arguments for {self.alias!r}: {exc}") from exc
+            raise surface(BadInput(f"invalid vLLM engine arguments for {self.alias!r}: {exc}")) from exc
         # building the engine blocks while its engine-core process starts: off the loop
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
         self.tokenizer = self.engine.get_tokenizer()

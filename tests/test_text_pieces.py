@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from backends.base import Delta, IncrementalDetokenizer, StopScanner, with_stops
+from backends.base import Delta
+from backends.text import IncrementalDetokenizer, StopScanner, with_stops
 
 
 def feed_all(stops, pieces):
