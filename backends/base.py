@@ -47,6 +47,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     json_schema: Optional[dict] = None  # the output is constrained to JSON valid under this schema
 
+    def greedy(self) -> bool:
+        """Temperatures this small pick the most likely token (vLLM's threshold): dividing
+        logits by less overflows them."""
+        return self.temperature < 1e-5
+
     def features(self) -> set[str]:
         """The request fields these parameters use beyond plain sampling (see Backend.features)."""
         used = {
@@ -119,7 +124,7 @@ class Backend(abc.ABC):
     def context_length(self) -> int: ...
 
     def failure(self) -> Optional[str]:
-        """Why the engine can no longer serve (its process died), or None while it can."""
+        """Why the engine can no longer serve (its process or loop died), or None while it can."""
         return None
 
     def vocab_size(self) -> Optional[int]:
@@ -173,5 +178,10 @@ def release_memory() -> None:
         pass
 
 
-# re-exported for llmserve/openai_api.py, which imports it from here (its home is text.py)
-from .text import with_stops  # noqa: E402,F401
+def __getattr__(name: str):
+    # llmserve/openai_api.py imports with_stops from here; its home is text.py (which imports this)
+    if name == "with_stops":
+        from .text import with_stops
+
+        return with_stops
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
+from . import faults
 from .base import Delta, Embeddings, SamplingParams
-from .errors import EngineFailure, surface
+from .errors import EngineError, EngineFailure, surface
+
+log = logging.getLogger("llmserve")
 
 
 class EmbeddingBatcher:
@@ -88,6 +92,13 @@ class StepRequest:
     extra: Any = None  # what the engine prepared for this request beside its params (a grammar)
     cancelled: bool = False
 
+    def fail(self, exc: Exception) -> None:
+        """Ends this request alone with ``exc``: a neutral engine error as the front end shows
+        it, anything else as this request's engine failure."""
+        if not isinstance(exc, EngineError):
+            exc = EngineFailure(f"The engine failed on this request: {type(exc).__name__}: {exc}")
+        self.emit(surface(exc))
+
 
 class StepLoop(abc.ABC):
     """The batching engines' scheduler: one thread owns the engine's batch state and moves
@@ -97,12 +108,21 @@ class StepLoop(abc.ABC):
     waits (``_admit``) and runs one batched step (``_step``). The thread is the only thing
     that touches the engine's state, so no lock is held while the engine computes; an idle
     loop sleeps on the queue.
+
+    Failures stay with their request: an engine's ``_admit`` and ``_step`` end a request whose
+    admission, sampling or detokenizing raised with ``StepRequest.fail`` and go on; what
+    escapes them (a failed forward pass) ends the running batch; a loop thread that dies
+    answers every request it holds at once and sets ``failure`` (the backend reports it, and
+    the model is loaded again).
     """
+
+    failure: Optional[str] = None  # why the loop thread stopped, once it has
 
     def __init__(self, name: str):
         self._pending: queue.Queue = queue.Queue()
         self._waiting: list[StepRequest] = []  # off the queue, not admitted yet
         self._closed = False
+        self._faults = faults.from_env()  # None unless a test asks for faults
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # -- what each engine's loop provides ---------------------------------------------------
@@ -138,6 +158,9 @@ class StepLoop(abc.ABC):
         self._pending.put(request)
         finished = False
         try:
+            if self.failure is not None:  # the loop is gone: nothing would ever answer
+                finished = True
+                raise surface(EngineFailure(f"The engine cannot serve: {self.failure}."))
             while True:
                 item = await deltas.get()
                 if isinstance(item, BaseException):
@@ -171,17 +194,43 @@ class StepLoop(abc.ABC):
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - the loop is gone: say so to everyone waiting
+            self._died(exc)
+
+    def _serve(self) -> None:
         while not self._closed:
             self._take_pending(block=not self.running() and not self._waiting)
             if self._closed:
                 return
-            self._waiting = [r for r in self._waiting if not r.cancelled]
-            self._drop_cancelled()
+            if self._faults is not None:
+                self._faults.check_any("loop", (r.params.seed for r in self._waiting))
             try:
+                self._waiting = [r for r in self._waiting if not r.cancelled]
+                self._drop_cancelled()
                 self._admit()
                 self._step()
-            except Exception as exc:  # the engine failed: its requests end, the loop goes on
+            except Exception as exc:  # a forward pass failed: its batch ends, the loop goes on
+                log.exception("%s: a step failed", self._thread.name)
                 self._fail_running(surface(EngineFailure(f"The engine failed: {type(exc).__name__}: {exc}")))
+
+    def _died(self, exc: BaseException) -> None:
+        log.error("%s stopped: %s: %s", self._thread.name, type(exc).__name__, exc, exc_info=exc)
+        self.failure = f"its engine loop stopped ({type(exc).__name__}: {exc})"
+        error = surface(EngineFailure(f"The engine stopped: {type(exc).__name__}: {exc}"))
+        try:
+            self._fail_running(error)
+        except Exception:  # noqa: BLE001 - the batch state may be what broke; answer the rest
+            log.exception("%s: ending its running requests failed", self._thread.name)
+        self._take_pending(block=False)
+        for request in self._waiting:
+            request.emit(error)
+        self._waiting = []
+
+    def _fault(self, stage: str, request: StepRequest) -> None:
+        if self._faults is not None:
+            self._faults.check(stage, request.params.seed)
 
     def _take_pending(self, block: bool) -> None:
         try:

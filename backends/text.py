@@ -4,6 +4,8 @@ borders, chat templates through a Hugging Face tokenizer, and logprob entries.""
 from __future__ import annotations
 
 import codecs
+import functools
+import re
 from typing import AsyncIterator, Callable
 
 from .base import Delta, TokenLogprob
@@ -41,26 +43,62 @@ def top_logprobs(logprobs, k: int, token: int, piece: Callable[[int], bytes]) ->
     return TokenLogprob(text, data, lp, top)
 
 
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def hf_token_bytes(tokenizer, token: int) -> bytes:
+    """The bytes of one token of a Hugging Face tokenizer. A token holding part of a UTF-8
+    character decodes to U+FFFD, so its bytes are read from the token itself: SentencePiece's
+    byte fallback (``<0xE2>``) or GPT-2's byte-level alphabet (``Ġ`` for a space)."""
+    text = tokenizer.decode([token])
+    if "\ufffd" not in text:
+        return text.encode("utf-8")
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if match := _BYTE_FALLBACK.fullmatch(piece):
+        return bytes([int(match.group(1), 16)])
+    byte_of = _gpt2_byte_decoder()
+    if all(c in byte_of for c in piece):
+        return bytes(byte_of[c] for c in piece)
+    return text.encode("utf-8")
+
+
+@functools.cache
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (transformers' bytes_to_unicode, reversed)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def log_softmax(logits):
-    """Log-probabilities of a float32 numpy logits vector."""
+    """Log-probabilities of a float32 numpy logits vector, each at least -9999 (OpenAI's floor),
+    so that NaN or infinite logits still give numbers JSON can carry."""
     import numpy as np
 
-    shifted = logits - logits.max()
-    return shifted - np.log(np.exp(shifted).sum())
+    logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float32).max)
+    top = logits.max()
+    if not np.isfinite(top):  # every logit -inf: nothing is likelier than anything else
+        return np.full_like(logits, -9999.0)
+    shifted = logits - top
+    return np.maximum(shifted - np.log(np.exp(shifted).sum()), -9999.0)
 
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, never splitting a character.
 
     ``decode`` is the engine's ``ids -> str``; decoding a short window around the new
-    tokens (the trick vLLM uses) keeps the cost per token constant.
+    tokens (the trick vLLM uses) keeps the cost per token constant. The window starts on the
+    last few ``prompt`` tokens, as vLLM's does: decoded alone, a first token loses its
+    leading space with SentencePiece tokenizers ("▁Paris" -> "Paris").
     """
 
-    def __init__(self, decode: Callable[[list[int]], str]):
+    PROMPT_CONTEXT = 5  # vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt: list[int] = ()):
         self._decode = decode
-        self.ids: list[int] = []
+        self.ids: list[int] = list(prompt[-self.PROMPT_CONTEXT:]) if self.PROMPT_CONTEXT else []
         self._prefix = 0  # start of the window
-        self._read = 0  # ids up to here have been turned into text
+        self._read = len(self.ids)  # ids up to here have been turned into text
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
