@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
@@ -25,6 +26,8 @@ from .convert import gguf_requantize
 from .errors import BadInput, NotInstalled, surface
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import ByteDetokenizer, log_softmax, template_error, top_logprobs
+
+log = logging.getLogger("llmserve")
 
 _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", "last": "LLAMA_POOLING_TYPE_LAST"}
 
@@ -247,6 +250,8 @@ class Scheduler(StepLoop):
         if not self._trim(slot, keep, request):
             # a cache that cannot lose just its tail (sliding-window, recurrent models) is
             # emptied and the whole prompt prefilled, as llama.cpp's own server does
+            log.info("%s: slot %d cannot drop the tail of its cached tokens; prefilling all %d prompt tokens",
+                     self._thread.name, slot.seq, len(request.prompt))
             self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
             keep = 0
         slot.cached = request.prompt[:keep]
