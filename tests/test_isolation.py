@@ -281,3 +281,26 @@ async def test_the_transformers_grammar_compiles_off_the_event_loop():
     assert given == ["grammar"] and deltas[0].text == "{}"
     assert compiled_on and compiled_on[0] != threading.get_ident()
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("reason,ends", [("stop", "stop"), ("length", "length"), ("abort", None)])
+async def test_vllm_reports_only_stop_and_length_as_finish_reasons(reason, ends):
+    from types import SimpleNamespace
+
+    from backends.base import SamplingParams
+    from backends.vllm_backend import VllmBackend
+    from llmserve.errors import EngineError
+
+    class Engine:  # the shape of AsyncLLM.generate's outputs, ending with ``reason``
+        async def generate(self, prompt, params, request_id):
+            yield SimpleNamespace(finished=True, outputs=[SimpleNamespace(text="Hi", token_ids=[1], logprobs=None,
+                                                                          finish_reason=reason)])
+
+    backend = object.__new__(VllmBackend)
+    backend.engine, backend._faults = Engine(), None
+    deltas = backend.generate([1, 2], SamplingParams(max_tokens=4))
+    if ends:
+        assert [d.finish_reason async for d in deltas] == [ends]
+    else:  # the engine gave up on the request: an error, never a quiet "stop"
+        with pytest.raises(EngineError, match="abort"):
+            [d async for d in deltas]
