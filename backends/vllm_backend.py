@@ -61,6 +61,8 @@ class VllmBackend(Backend):
                           "logit_bias", "response_format"})
 
     engine = None
+    _tokenizing: EngineThread | None = None  # the thread that renders and tokenizes prompts
+    _faults = None  # backends/faults.py, for tests
 
     async def load(self) -> None:
         try:
@@ -86,17 +88,18 @@ class VllmBackend(Backend):
             engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=True)
         except (TypeError, ValueError) as exc:
             raise surface(BadInput(f"invalid vLLM engine arguments for {self.alias!r}: {exc}")) from exc
+        self._tokenizing = EngineThread(f"vllm-tokenize-{self.alias}")
         # building the engine blocks while its engine-core process starts: off the loop
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
         self.tokenizer = self.engine.get_tokenizer()
         self._ctx = self.engine.model_config.max_model_len
-        self._tokenizing = EngineThread(f"vllm-tokenize-{self.alias}")
         self._faults = faults.from_env()  # None unless a test asks for faults
 
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+        if self._tokenizing is not None:
             self._tokenizing.shutdown()
         release_memory()
 
