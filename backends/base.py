@@ -1,17 +1,31 @@
-"""The one interface every engine implements, and the pieces they share."""
+"""The one interface every engine implements: Backend, the sampling parameters it is given,
+the deltas it streams back, and what it can do. Shared pieces live beside it: scheduling.py
+(the engine thread, the step loop, the embedding batcher) and text.py (detokenizing, stop
+sequences, chat templates, logprobs)."""
 
 from __future__ import annotations
 
 import abc
-import asyncio
-import codecs
-import queue
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional, Protocol
 
-from llmserve.config import ModelConfig
+from .args import LlamaCppArgs, TransformersArgs, VllmArgs
+
+
+class ModelSpec(Protocol):
+    """What an engine reads of its alias's configuration (llmserve's ModelConfig is one)."""
+
+    task: str  # "generate" or "embed"
+    gguf_file: Optional[str]
+    tokenizer: Optional[str]
+    trust_remote_code: bool
+    llamacpp: LlamaCppArgs
+    transformers: TransformersArgs
+    vllm: VllmArgs
+
+    def location(self) -> Path | str: ...
+
 
 CHAT, COMPLETION, EMBEDDINGS = "chat", "completion", "embeddings"
 
@@ -32,6 +46,11 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     json_schema: Optional[dict] = None  # the output is constrained to JSON valid under this schema
+
+    def greedy(self) -> bool:
+        """Temperatures this small pick the most likely token (vLLM's threshold): dividing
+        logits by less overflows them."""
+        return self.temperature < 1e-5
 
     def features(self) -> set[str]:
         """The request fields these parameters use beyond plain sampling (see Backend.features)."""
@@ -86,7 +105,7 @@ class Backend(abc.ABC):
     # a request using any other gets a 400 naming the field and the engine
     features: frozenset[str] = frozenset()
 
-    def __init__(self, alias: str, config: ModelConfig):
+    def __init__(self, alias: str, config: ModelSpec):
         self.alias = alias
         self.config = config
 
@@ -105,7 +124,7 @@ class Backend(abc.ABC):
     def context_length(self) -> int: ...
 
     def failure(self) -> Optional[str]:
-        """Why the engine can no longer serve (its process died), or None while it can."""
+        """Why the engine can no longer serve (its process or loop died), or None while it can."""
         return None
 
     def vocab_size(self) -> Optional[int]:
@@ -146,47 +165,6 @@ class Backend(abc.ABC):
         raise NotImplementedError
 
 
-def template_error(exc: Exception):
-    """A chat template refusing the messages (e.g. roles out of order) is the client's 400."""
-    from llmserve.errors import InvalidRequest
-
-    return InvalidRequest(f"The model's chat template rejected these messages: {exc}", param="messages")
-
-
-def hf_chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation through a Hugging Face tokenizer's chat template."""
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:
-        raise template_error(exc) from exc
-    # the template already wrote any special tokens (BOS) the model wants
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def top_logprobs(logprobs, k: int, token: int, piece: Callable[[int], bytes]) -> TokenLogprob:
-    """The TokenLogprob of ``token`` from one position's log-probabilities (a numpy vector)."""
-    import numpy as np
-
-    def entry(t: int) -> tuple[str, list[int], float]:
-        data = piece(t)
-        return data.decode("utf-8", errors="replace"), list(data), float(logprobs[t])
-
-    top = []
-    if k:
-        best = np.argpartition(-logprobs, k)[:k]
-        top = [entry(int(t)) for t in best[np.argsort(-logprobs[best])]]
-    text, data, lp = entry(token)
-    return TokenLogprob(text, data, lp, top)
-
-
-def log_softmax(logits):
-    """Log-probabilities of a float32 numpy logits vector."""
-    import numpy as np
-
-    shifted = logits - logits.max()
-    return shifted - np.log(np.exp(shifted).sum())
-
-
 def release_memory() -> None:
     """After an unload: collect the model's objects and hand freed heap back to the OS
     (glibc keeps freed arenas otherwise, and the process would not shrink)."""
@@ -200,286 +178,10 @@ def release_memory() -> None:
         pass
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas, never splitting a character.
+def __getattr__(name: str):
+    # llmserve/openai_api.py imports with_stops from here; its home is text.py (which imports this)
+    if name == "with_stops":
+        from .text import with_stops
 
-    ``decode`` is the engine's ``ids -> str``; decoding a short window around the new
-    tokens (the trick vLLM uses) keeps the cost per token constant.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self._decode = decode
-        self.ids: list[int] = []
-        self._prefix = 0  # start of the window
-        self._read = 0  # ids up to here have been turned into text
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        full_text = self._decode(self.ids[self._prefix :])
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return full_text[len(prefix_text) :]
-        return ""
-
-
-class ByteDetokenizer:
-    """For engines that give bytes per token (llama.cpp): UTF-8 decoded incrementally."""
-
-    def __init__(self):
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, data: bytes) -> str:
-        return self._utf8.decode(data)
-
-
-class StopScanner:
-    """Finds stop sequences across chunk borders; holds back text that may start one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self._hold = max((len(s) for s in stops), default=1) - 1
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to send now, whether a stop sequence was hit)."""
-        if not self.stops:
-            return text, False
-        self._pending += text
-        cut = min((i for i in (self._pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self._pending = self._pending[:cut], ""
-            return out, True
-        keep = min(self._hold, len(self._pending))
-        out = self._pending[: len(self._pending) - keep]
-        self._pending = self._pending[len(out) :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
-
-
-def with_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> AsyncIterator[Delta]:
-    """Cuts a generation at the first stop sequence (finish_reason "stop"); without stop
-    sequences, ``deltas`` itself (no generator layer per token).
-
-    Leaving the loop closes ``deltas``, which stops the engine's work.
-    """
-    return _cut_at_stops(deltas, stops) if stops else deltas
-
-
-async def _cut_at_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> AsyncIterator[Delta]:
-    scanner = StopScanner(stops)
-    try:
-        async for d in deltas:
-            text, hit = scanner.feed(d.text)
-            if hit:
-                yield Delta(text, d.completion_tokens, "stop", d.logprobs)
-                return
-            if d.finish_reason:
-                yield Delta(text + scanner.flush(), d.completion_tokens, d.finish_reason, d.logprobs)
-                return
-            if text or d.logprobs:
-                yield Delta(text, d.completion_tokens, None, d.logprobs)
-    finally:
-        await deltas.aclose()
-
-
-class EmbeddingBatcher:
-    """Joins concurrent embedding requests to one model into one forward pass.
-
-    While the engine computes one batch, the requests that arrive wait and then go in
-    together (up to ``max_inputs``), so a lone request never waits for a window and a busy
-    model batches by itself. A batch that fails is retried request by request, so one bad
-    input fails only the request that sent it.
-    """
-
-    def __init__(self, run: Callable[[list[str]], Awaitable[Embeddings]], max_inputs: int = 256):
-        self._run, self._max = run, max_inputs
-        self._queue: list[tuple[list[str], asyncio.Future]] = []
-        self._draining = False
-        self.batches = 0  # forward passes so far (for tests and describe)
-        self.running = 0  # requests waiting for or in a forward pass
-
-    async def embed(self, inputs: list[str]) -> Embeddings:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((inputs, future))
-        if not self._draining:
-            self._draining = True
-            asyncio.ensure_future(self._drain())
-        self.running += 1
-        try:
-            return await future
-        finally:
-            self.running -= 1
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                group, size = [], 0
-                while self._queue and (not group or size + len(self._queue[0][0]) <= self._max):
-                    inputs, future = self._queue.pop(0)
-                    if not future.done():  # a client that left is skipped
-                        group.append((inputs, future))
-                        size += len(inputs)
-                if group:
-                    await self._run_group(group)
-        finally:
-            self._draining = False
-
-    async def _run_group(self, group) -> None:
-        self.batches += 1
-        try:
-            result = await self._run([text for inputs, _ in group for text in inputs])
-        except BaseException as exc:
-            if len(group) == 1:
-                if not group[0][1].done():
-                    group[0][1].set_exception(exc)
-                return
-            for item in group:  # find the request that failed; the others get their answer
-                await self._run_group([item])
-            return
-        start = 0
-        for inputs, future in group:
-            end = start + len(inputs)
-            if not future.done():
-                future.set_result(Embeddings(result.vectors[start:end], result.tokens[start:end]))
-            start = end
-
-
-@dataclass
-class StepRequest:
-    """One generation inside a StepLoop: what to run and where its deltas go."""
-
-    prompt: list[int]
-    params: SamplingParams
-    emit: Callable[[object], None]  # thread-safe: hands a Delta or an exception to the client
-    extra: Any = None  # what the engine prepared for this request beside its params (a grammar)
-    cancelled: bool = False
-
-
-class StepLoop(abc.ABC):
-    """The batching engines' scheduler: one thread owns the engine's batch state and moves
-    every running request forward one token per step (iteration-level batching).
-
-    Requests arrive on a queue; each step the loop drops what was cancelled, admits what
-    waits (``_admit``) and runs one batched step (``_step``). The thread is the only thing
-    that touches the engine's state, so no lock is held while the engine computes; an idle
-    loop sleeps on the queue.
-    """
-
-    def __init__(self, name: str):
-        self._pending: queue.Queue = queue.Queue()
-        self._waiting: list[StepRequest] = []  # off the queue, not admitted yet
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    # -- what each engine's loop provides ---------------------------------------------------
-    @abc.abstractmethod
-    def running(self) -> int:
-        """Requests admitted into the batch."""
-
-    @abc.abstractmethod
-    def _drop_cancelled(self) -> None:
-        """Frees the batch entries of cancelled requests."""
-
-    @abc.abstractmethod
-    def _admit(self) -> None:
-        """Moves waiting requests (self._waiting) into the batch while there is room."""
-
-    @abc.abstractmethod
-    def _step(self) -> None:
-        """One batched forward pass; emits a Delta to every request that got a token."""
-
-    @abc.abstractmethod
-    def _fail_running(self, error: Exception) -> None:
-        """Ends every admitted request with ``error`` and clears the batch."""
-
-    def _free(self) -> None:
-        """Releases the engine's resources once the thread has stopped."""
-
-    # -- the event loop's side ----------------------------------------------------------------
-    async def stream(self, prompt: list[int], params: SamplingParams, extra: Any = None) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
-        request = StepRequest(list(prompt), params, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
-                              extra)
-        self._pending.put(request)
-        finished = False
-        try:
-            while True:
-                item = await deltas.get()
-                if isinstance(item, BaseException):
-                    finished = True  # the loop already let go of it
-                    raise item
-                finished = item.finish_reason is not None  # the loop freed its slot itself
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # client gone or stop found: the slot frees at the next step
-                request.cancelled = True
-                self._pending.put(None)  # wakes an idle loop
-
-    def queued(self) -> int:
-        return len(self._waiting) + self._pending.qsize()
-
-    def busy(self) -> int:
-        return self.running() + self.queued()
-
-    def close(self) -> None:
-        from llmserve.errors import EngineError
-
-        self._closed = True
-        self._pending.put(None)
-        self._thread.join()
-        self._fail_running(EngineError("The model was unloaded while this request ran."))
-        self._take_pending(block=False)
-        for request in self._waiting:
-            request.emit(EngineError("The model was unloaded before this request started."))
-        self._waiting = []
-        self._free()
-
-    # -- the loop -------------------------------------------------------------------------------
-    def _run(self) -> None:
-        from llmserve.errors import EngineError
-
-        while not self._closed:
-            self._take_pending(block=not self.running() and not self._waiting)
-            if self._closed:
-                return
-            self._waiting = [r for r in self._waiting if not r.cancelled]
-            self._drop_cancelled()
-            try:
-                self._admit()
-                self._step()
-            except Exception as exc:  # the engine failed: its requests end, the loop goes on
-                self._fail_running(EngineError(f"The engine failed: {type(exc).__name__}: {exc}"))
-
-    def _take_pending(self, block: bool) -> None:
-        try:
-            item = self._pending.get(block=block)
-            while True:
-                if item is not None:
-                    self._waiting.append(item)
-                item = self._pending.get_nowait()
-        except queue.Empty:
-            pass
-
-
-class EngineThread:
-    """One dedicated thread per model for engines whose objects are not thread-safe.
-
-    Every call into the engine goes through this thread, one at a time, so the event
-    loop never blocks and two requests never touch the engine at once.
-    """
-
-    def __init__(self, name: str):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-
-    async def call(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def shutdown(self):
-        self._executor.shutdown(wait=True)
+        return with_stops
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

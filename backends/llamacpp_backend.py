@@ -16,30 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
-from backends.base import (
-    CHAT,
-    COMPLETION,
-    EMBEDDINGS,
-    Backend,
-    ByteDetokenizer,
-    Delta,
-    EmbeddingBatcher,
-    Embeddings,
-    EngineThread,
-    SamplingParams,
-    StepLoop,
-    StepRequest,
-    log_softmax,
-    release_memory,
-    template_error,
-    top_logprobs,
-)
-from backends.convert import gguf_requantize
-from llmserve.errors import EngineNotInstalled, InvalidRequest
+from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, release_memory
+from .convert import gguf_requantize
+from .errors import BadInput, NotInstalled, surface
+from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
+from .text import ByteDetokenizer, log_softmax, template_error, top_logprobs
+
+log = logging.getLogger("llmserve")
 
 _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", "last": "LLAMA_POOLING_TYPE_LAST"}
 
@@ -58,7 +46,7 @@ class LlamaCppBackend(Backend):
         try:
             import llama_cpp
         except ImportError:
-            raise EngineNotInstalled("llamacpp", "llama_cpp", self.alias) from None
+            raise surface(NotInstalled("llamacpp", "llama_cpp", self.alias)) from None
         self._lib = llama_cpp
         self._thread = EngineThread(f"llamacpp-{self.alias}")
         await self._thread.call(self._load_sync)
@@ -79,8 +67,9 @@ class LlamaCppBackend(Backend):
         path = self._model_path()
         threads = args.n_threads or max(1, os.cpu_count() or 1)
         if self.config.task == "embed":
-            self.llm = lib.Llama(model_path=path, n_ctx=args.n_ctx, n_batch=args.n_batch, n_gpu_layers=args.n_gpu_layers,
-                                 n_threads=threads, verbose=False, embedding=True,
+            # an input is embedded in one batch: n_batch below the context would cut longer ones
+            self.llm = lib.Llama(model_path=path, n_ctx=args.n_ctx, n_batch=args.n_ctx, n_ubatch=args.n_ctx,
+                                 n_gpu_layers=args.n_gpu_layers, n_threads=threads, verbose=False, embedding=True,
                                  pooling_type=getattr(lib, _POOLING[args.pooling]))
             self._embedder = EmbeddingBatcher(lambda inputs: self._thread.call(self._embed_sync, inputs))
             return
@@ -127,6 +116,9 @@ class LlamaCppBackend(Backend):
     def running_requests(self) -> int:
         return self.scheduler.busy() if self.scheduler else self._embedder.running
 
+    def failure(self):
+        return self.scheduler.failure if self.scheduler is not None else None
+
     def context_length(self) -> int:
         return self.scheduler.n_ctx_seq if self.scheduler else self.llm.n_ctx()
 
@@ -168,13 +160,13 @@ class LlamaCppBackend(Backend):
         for i, text in enumerate(inputs):
             n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.llm.n_ctx():
-                raise InvalidRequest(
+                raise surface(BadInput(
                     f"input[{i}] has {n} tokens, more than this model's context of {self.llm.n_ctx()}.",
                     param="input",
                     code="context_length_exceeded",
-                )
+                ))
             tokens.append(n)
-        vectors = self.llm.embed(inputs, normalize=True)
+        vectors = self.llm.embed(inputs, normalize=True, truncate=False)  # never cut: too long was refused above
         return Embeddings([list(map(float, v)) for v in vectors], tokens)
 
 
@@ -245,16 +237,36 @@ class Scheduler(StepLoop):
                 return
             request = self._waiting.pop(0)
             slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt))
-            keep = min(_common_prefix(slot.cached, request.prompt), len(request.prompt) - 1)
-            self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, keep, -1)
-            slot.cached = request.prompt[:keep]
-            slot.request, slot.prefilled, slot.next_token, slot.generated = request, keep, None, 0
-            slot.detok = ByteDetokenizer()
             try:
-                slot.sampler = self._sampler(request.params, request.extra)
+                self._fault("admit", request)
+                self._start(slot, request)
             except Exception as exc:  # this request's settings only: the others go on
-                request.emit(InvalidRequest(f"llama.cpp refused the sampling settings: {exc}"))
-                self._release(slot)
+                if slot.request is request:
+                    self._release(slot, forget_cache=True)
+                request.fail(exc)
+
+    def _start(self, slot: Slot, request: StepRequest) -> None:
+        keep = min(_common_prefix(slot.cached, request.prompt), len(request.prompt) - 1)
+        if not self._trim(slot, keep, request):
+            # a cache that cannot lose just its tail (sliding-window, recurrent models) is
+            # emptied and the whole prompt prefilled, as llama.cpp's own server does
+            log.info("%s: slot %d cannot drop the tail of its cached tokens; prefilling all %d prompt tokens",
+                     self._thread.name, slot.seq, len(request.prompt))
+            self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
+            keep = 0
+        slot.cached = request.prompt[:keep]
+        slot.request, slot.prefilled, slot.next_token, slot.generated = request, keep, None, 0
+        slot.detok = ByteDetokenizer()
+        try:
+            slot.sampler = self._sampler(request.params, request.extra)
+        except Exception as exc:
+            raise BadInput(f"llama.cpp refused the sampling settings: {exc}") from exc
+
+    def _trim(self, slot: Slot, keep: int, request: StepRequest) -> bool:
+        """Removes the slot's cached tokens from ``keep`` on; False when the cache cannot."""
+        if self._faults is not None and self._faults.hits("trim", request.params.seed):
+            return False
+        return bool(self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, keep, -1))
 
     def _step(self) -> None:
         batch, b = self.batch.batch, 0
@@ -292,12 +304,21 @@ class Scheduler(StepLoop):
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         for slot, index in sample_at:
-            k = slot.request.params.logprobs
-            # the model's own distribution, read before the sampler chain changes the logits
-            logprobs = self._logprobs(index) if k is not None else None
-            token = self.lib.llama_sampler_sample(slot.sampler, self.ctx.ctx, index)
-            self._on_token(slot, token, None if logprobs is None else
-                           [top_logprobs(logprobs, k, token, self._token_bytes)])
+            request = slot.request
+            try:  # sampling and detokenizing one request: a failure ends it alone
+                self._sample(slot, index)
+            except Exception as exc:
+                if slot.request is request:
+                    self._release(slot, forget_cache=True)
+                request.fail(exc)
+
+    def _sample(self, slot: Slot, index: int) -> None:
+        self._fault("sample", slot.request)
+        k = slot.request.params.logprobs
+        # the model's own distribution, read before the sampler chain changes the logits
+        logprobs = self._logprobs(index) if k is not None else None
+        token = self.lib.llama_sampler_sample(slot.sampler, self.ctx.ctx, index)
+        self._on_token(slot, token, None if logprobs is None else [top_logprobs(logprobs, k, token, self._token_bytes)])
 
     def _logprobs(self, index: int):
         import numpy as np
@@ -314,6 +335,7 @@ class Scheduler(StepLoop):
             request.emit(Delta("", n, "stop"))
             self._release(slot)
             return
+        self._fault("detokenize", request)
         text = slot.detok.add(self._token_bytes(token))
         if n >= params.max_tokens or len(slot.cached) >= self.n_ctx_seq:
             request.emit(Delta(text, n, "length", logprobs))
@@ -353,7 +375,7 @@ class Scheduler(StepLoop):
                 lib.llama_sampler_free(chain)
                 raise ValueError("the JSON schema's grammar did not parse")
             lib.llama_sampler_chain_add(chain, constraint)
-        if p.temperature <= 0:
+        if p.greedy():
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
         if p.top_k:
@@ -363,7 +385,7 @@ class Scheduler(StepLoop):
         if p.min_p > 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(p.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
-        seed = lib.LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
+        seed = lib.LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF  # any integer: llama.cpp takes 32 bits
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
 
@@ -382,8 +404,8 @@ def json_grammar(schema: dict) -> str:
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:
-        raise InvalidRequest(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
-                             param="response_format") from exc
+        raise surface(BadInput(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
+                             param="response_format")) from exc
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

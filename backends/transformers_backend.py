@@ -19,26 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from .base import (
-    CHAT,
-    COMPLETION,
-    EMBEDDINGS,
-    Backend,
-    Delta,
-    EmbeddingBatcher,
-    Embeddings,
-    EngineThread,
-    IncrementalDetokenizer,
-    SamplingParams,
-    StepLoop,
-    StepRequest,
-    TokenLogprob,
-    hf_chat_ids,
-    log_softmax,
-    release_memory,
-    top_logprobs,
-)
-from llmserve.errors import EngineNotInstalled, InvalidRequest
+from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, TokenLogprob, release_memory
+from .errors import BadInput, NotInstalled, surface
+from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
+from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, top_logprobs
 
 
 def _import_engine(alias: str):
@@ -46,7 +30,7 @@ def _import_engine(alias: str):
         import torch
         import transformers
     except ImportError as exc:
-        raise EngineNotInstalled("transformers", exc.name or "transformers", alias) from None
+        raise surface(NotInstalled("transformers", exc.name or "transformers", alias)) from None
     return torch, transformers
 
 
@@ -136,6 +120,9 @@ class TransformersBackend(Backend):
             info.update(embedding_batches=self._embedder.batches)
         return info
 
+    def failure(self):
+        return self.batcher.failure if self.batcher is not None else None
+
     def context_length(self) -> int:
         return self._ctx
 
@@ -146,8 +133,20 @@ class TransformersBackend(Backend):
         return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        grammar = self._json_grammar(params.json_schema) if params.json_schema is not None else None
-        return self.batcher.stream(prompt_ids, params, grammar)
+        if params.json_schema is None:
+            return self.batcher.stream(prompt_ids, params)
+        return self._constrained(prompt_ids, params)
+
+    async def _constrained(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        # compiling a grammar takes long (the first one builds the vocabulary's tables):
+        # on the model's worker thread, so the event loop keeps every other stream going
+        grammar = await self._thread.call(self._json_grammar, params.json_schema)
+        stream = self.batcher.stream(prompt_ids, params, grammar)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()
 
     def vocab_size(self) -> int:
         return self.model.config.get_text_config().vocab_size
@@ -164,7 +163,7 @@ class TransformersBackend(Backend):
         try:
             return self._grammar_compiler.compile_json_schema(json.dumps(schema))
         except Exception as exc:
-            raise InvalidRequest(f"Cannot constrain output to this JSON schema: {exc}", param="response_format") from exc
+            raise surface(BadInput(f"Cannot constrain output to this JSON schema: {exc}", param="response_format")) from exc
 
     async def embed(self, inputs: list[str]) -> Embeddings:
         return await self._embedder.embed(inputs)
@@ -178,12 +177,12 @@ class TransformersBackend(Backend):
         too_long = [i for i, n in enumerate(lengths) if n > self._ctx]
         if too_long:
             i = too_long[0]
-            raise InvalidRequest(
+            raise surface(BadInput(
                 f"input[{i}] has {lengths[i]} tokens, more than this model's maximum of {self._ctx}; "
                 "shorten or split it.",
                 param="input",
                 code="context_length_exceeded",
-            )
+            ))
         with torch.no_grad():
             hidden = self.model(**batch).last_hidden_state
         if args.pooling == "cls":
@@ -246,19 +245,28 @@ class BatchLoop(StepLoop):
         self.cache = self.mask = None
 
     def _admit(self) -> None:
-        torch = self.torch
         while self._waiting and self.running() < self.max_batch:
             request = self._waiting.pop(0)
-            seed = request.params.seed
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
-            detok = IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-            row = _Row(request, generator, detok)
-            if request.extra is not None:
-                import xgrammar
-
-                row.matcher = xgrammar.GrammarMatcher(request.extra)
+            try:
+                self._fault("admit", request)
+                row = self._row(request)
+            except Exception as exc:  # this request's settings only: the others go on
+                request.fail(exc)
+                continue
             self.prefilling.append(row)
+
+    def _row(self, request: StepRequest) -> _Row:
+        seed = request.params.seed
+        generator = self.torch.Generator(device=self.device)
+        # any integer the client sent: torch takes 64 bits
+        generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF if seed is not None else self.torch.seed())
+        detok = IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), request.prompt)
+        row = _Row(request, generator, detok)
+        if request.extra is not None:
+            import xgrammar
+
+            row.matcher = xgrammar.GrammarMatcher(request.extra)
+        return row
 
     def _step(self) -> None:
         with self.torch.no_grad():
@@ -266,12 +274,35 @@ class BatchLoop(StepLoop):
             for row in list(self.prefilling):
                 if budget <= 0:
                     break
-                budget -= self._prefill_chunk(row, budget)
+                try:  # a prefill runs on the row's own cache: a failure ends that request alone
+                    used, token = self._prefill_chunk(row, budget)
+                except Exception as exc:
+                    self._end_row(row, exc)
+                    continue
+                budget -= used
+                if token is not None:
+                    self._join(row, token)
             if self.rows:
                 self._decode()
 
-    def _prefill_chunk(self, row: _Row, budget: int) -> int:
-        """Prefills up to ``budget`` more tokens of ``row``'s prompt; returns how many."""
+    def _end_row(self, row: _Row, exc: Exception) -> None:
+        """Ends a request that is prefilling or between prefill and batch (not yet joined)."""
+        if row in self.prefilling:
+            self.prefilling.remove(row)
+        row.cache = None
+        row.request.fail(exc)
+
+    def _guarded(self, row: _Row, fn, *args):
+        """``fn(*args)`` for one row; if it raises, that request ends with the error (None)."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            row.request.fail(exc)
+            return None
+
+    def _prefill_chunk(self, row: _Row, budget: int) -> tuple[int, Optional[int]]:
+        """Prefills up to ``budget`` more tokens of ``row``'s prompt; returns how many, and the
+        first token once the prompt is done and the request goes on (to join the batch)."""
         torch = self.torch
         prompt = row.request.prompt
         if row.cache is None:
@@ -285,12 +316,12 @@ class BatchLoop(StepLoop):
                          attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
                          position_ids=torch.arange(row.prefilled, end, device=self.device)[None])
         row.prefilled = end
-        if end == len(prompt):
-            self.prefilling.remove(row)
-            token = self._sample(out.logits[:, -1], [row])[0]
-            if self._on_token(row, token):
-                self._join(row, token)
-        return end - start
+        if end < len(prompt):
+            return end - start, None
+        self.prefilling.remove(row)
+        logits = out.logits[0, -1]
+        token = self._sample_one(logits, row, int(logits.argmax()))
+        return end - start, token if self._on_token(row, token) else None
 
     def _decode(self) -> None:
         torch = self.torch
@@ -300,10 +331,12 @@ class BatchLoop(StepLoop):
         self.mask = torch.cat([self.mask, torch.ones((n, 1), dtype=self.mask.dtype, device=self.device)], dim=1)
         out = self.model(input_ids=ids, past_key_values=self.cache, attention_mask=self.mask, position_ids=positions,
                          use_cache=True)
-        tokens = self._sample(out.logits[:, -1], self.rows)
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(dim=-1).tolist()
         keep = []
-        for i, (row, token) in enumerate(zip(self.rows, tokens)):
-            if self._on_token(row, token):
+        for i, row in enumerate(self.rows):
+            token = self._guarded(row, self._sample_one, logits[i], row, greedy[i])
+            if token is not None and self._guarded(row, self._on_token, row, token):
                 keep.append(i)
                 self.next_tokens[i] = token
         self._keep(keep)
@@ -316,6 +349,7 @@ class BatchLoop(StepLoop):
         if token in self.eos and not params.ignore_eos:
             row.request.emit(Delta("", n, "stop"))
             return False
+        self._fault("detokenize", row.request)
         text = row.detok.add(token)
         if n >= params.max_tokens:
             row.request.emit(Delta(text, n, "length", row.logprobs))
@@ -323,24 +357,23 @@ class BatchLoop(StepLoop):
         row.request.emit(Delta(text, n, None, row.logprobs))
         return True
 
-    def _sample(self, logits, rows: list[_Row]) -> list[int]:
-        tokens = logits.argmax(dim=-1).tolist()
-        for i, row in enumerate(rows):
-            p = row.request.params
-            if p.temperature <= 0 and not p.features() and row.matcher is None:
-                continue  # plain greedy: the batch's argmax
-            raw = logits[i].float()
-            token = self._sample_row(self._shape(raw, row), row)
-            tokens[i] = token
-            if p.logprobs is not None:  # of the model's own distribution, before the shaping
-                row.logprobs = [top_logprobs(log_softmax(raw.cpu().numpy()), p.logprobs, token, self._piece)]
-            if row.matcher is not None:
-                row.matcher.accept_token(token)
-            row.counts[token] = row.counts.get(token, 0) + 1
-        return tokens
+    def _sample_one(self, logits, row: _Row, greedy: Optional[int]) -> int:
+        """The next token of one row from its logits (``greedy``: the batch's argmax for it)."""
+        self._fault("sample", row.request)
+        p = row.request.params
+        if greedy is not None and p.greedy() and not p.features() and row.matcher is None:
+            return greedy  # plain greedy: the batch's argmax
+        raw = logits.float()
+        token = self._sample_row(self._shape(raw, row), row)
+        if p.logprobs is not None:  # of the model's own distribution, before the shaping
+            row.logprobs = [top_logprobs(log_softmax(raw.cpu().numpy()), p.logprobs, token, self._piece)]
+        if row.matcher is not None:
+            row.matcher.accept_token(token)
+        row.counts[token] = row.counts.get(token, 0) + 1
+        return token
 
     def _piece(self, token: int) -> bytes:
-        return self.tokenizer.decode([token]).encode("utf-8")
+        return hf_token_bytes(self.tokenizer, token)
 
     def _shape(self, x, row: _Row):
         """Logit bias, penalties (over the generated tokens, as OpenAI's are) and the grammar."""
@@ -368,9 +401,11 @@ class BatchLoop(StepLoop):
 
     def _sample_row(self, x, row: _Row) -> int:
         torch, p = self.torch, row.request.params
-        if p.temperature <= 0:
+        x = torch.nan_to_num(x, nan=float("-inf"))  # a NaN logit never wins
+        top = x.max()
+        if p.greedy() or not torch.isfinite(top):
             return int(x.argmax())
-        x = x / p.temperature
+        x = (x - top) / p.temperature  # shifted first: the best is 0, so no temperature overflows it
         if p.min_p > 0:
             probs = torch.softmax(x, dim=-1)
             x[probs < p.min_p * probs.max()] = float("-inf")

@@ -16,10 +16,13 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, TokenLogprob, hf_chat_ids, release_memory
-from llmserve.config import VllmArgs
+from .args import VllmArgs
+from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, TokenLogprob, release_memory
 from .convert import gguf_to_hf_dir
-from llmserve.errors import EngineNotInstalled, InvalidRequest
+from . import faults
+from .errors import BadInput, EngineFailure, NotInstalled, surface
+from .scheduling import EngineThread
+from .text import hf_chat_ids, hf_token_bytes
 
 log = logging.getLogger("llmserve")
 
@@ -40,13 +43,13 @@ def engine_kwargs(args: VllmArgs, model: str, engine_fields: set[str]) -> dict:
             if name == "swap_space":
                 kwargs.update(_swap_space(args, value, engine_fields))
                 continue
-            raise InvalidRequest(f"vllm.{name} is not an engine argument of the installed vLLM", param=name)
+            raise surface(BadInput(f"vllm.{name} is not an engine argument of the installed vLLM", param=name))
         kwargs[name] = value
     unknown = sorted(set(args.extra) - engine_fields)
     if unknown:
-        raise InvalidRequest(
+        raise surface(BadInput(
             f"unknown vLLM engine argument(s) in vllm.extra: {', '.join(unknown)}", param="vllm.extra"
-        )
+        ))
     kwargs.update(args.extra)
     return kwargs
 
@@ -70,13 +73,15 @@ class VllmBackend(Backend):
                           "logit_bias", "response_format"})
 
     engine = None
+    _tokenizing: EngineThread | None = None  # the thread that renders and tokenizes prompts
+    _faults = None  # backends/faults.py, for tests
 
     async def load(self) -> None:
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError:
-            raise EngineNotInstalled("vllm", "vllm", self.alias) from None
+            raise surface(NotInstalled("vllm", "vllm", self.alias)) from None
         import vllm
 
         self._vllm = vllm
@@ -97,16 +102,20 @@ class VllmBackend(Backend):
         try:
             engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=True)
         except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"invalid vLLM engine arguments for {self.alias!r}: {exc}") from exc
+            raise surface(BadInput(f"invalid vLLM engine arguments for {self.alias!r}: {exc}")) from exc
+        self._tokenizing = EngineThread(f"vllm-tokenize-{self.alias}")
         # building the engine blocks while its engine-core process starts: off the loop
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
         self.tokenizer = self.engine.get_tokenizer()
         self._ctx = self.engine.model_config.max_model_len
+        self._faults = faults.from_env()  # None unless a test asks for faults
 
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+        if self._tokenizing is not None:
+            self._tokenizing.shutdown()
         release_memory()
 
     def capabilities(self) -> set[str]:
@@ -147,11 +156,13 @@ class VllmBackend(Backend):
         count = getattr(self.engine, "get_num_unfinished_requests", None)
         return count() if count else self.engine.output_processor.get_num_unfinished_requests()
 
+    # templates and tokenizing (prompts up to limits.max_prompt_chars) run on a thread of their
+    # own, off the event loop; one thread, as a Hugging Face tokenizer is not safe to share
     async def encode_chat(self, messages):
-        return hf_chat_ids(self.tokenizer, messages)
+        return await self._tokenizing.call(hf_chat_ids, self.tokenizer, messages)
 
     async def encode_text(self, text):
-        return self.tokenizer(text)["input_ids"]
+        return await self._tokenizing.call(lambda: self.tokenizer(text)["input_ids"])
 
     def vocab_size(self) -> int:
         return self.engine.model_config.get_vocab_size()
@@ -161,49 +172,64 @@ class VllmBackend(Backend):
             return "the vLLM engine process died"
         return None
 
+    def _sampling_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        try:
+            return VSamplingParams(
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k or 0,
+                min_p=params.min_p,
+                # any integer the client sent, into the int64 vLLM's generators take
+                seed=None if params.seed is None else params.seed & 0x7FFF_FFFF_FFFF_FFFF,
+                stop=params.stop or None,
+                ignore_eos=params.ignore_eos,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                repetition_penalty=params.repetition_penalty,
+                logit_bias=params.logit_bias or None,
+                logprobs=params.logprobs,
+                structured_outputs=None if params.json_schema is None else StructuredOutputsParams(
+                    json=params.json_schema),
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (TypeError, ValueError) as exc:
+            raise surface(BadInput(f"vLLM refused the sampling settings: {exc}")) from exc
+
     def _token_logprob(self, token: int, top: dict, k: int) -> TokenLogprob:
         """vLLM's position logprobs (token id -> Logprob, the chosen one included) in our shape."""
 
         def entry(t: int) -> tuple[str, list[int], float]:
             text = top[t].decoded_token if top[t].decoded_token is not None else self.tokenizer.decode([t])
-            return text, list(text.encode("utf-8")), float(top[t].logprob)
+            return text, list(hf_token_bytes(self.tokenizer, t)), float(top[t].logprob)
 
         best = sorted((t for t in top if top[t].rank is not None and top[t].rank <= k), key=lambda t: top[t].rank)
         text, data, lp = entry(token)
         return TokenLogprob(text, data, lp, [entry(t) for t in best[:k]])
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
-        from vllm.sampling_params import StructuredOutputsParams
-
-        sp = VSamplingParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k or 0,
-            min_p=params.min_p,
-            seed=params.seed,
-            stop=params.stop or None,
-            ignore_eos=params.ignore_eos,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty,
-            logit_bias=params.logit_bias or None,
-            logprobs=params.logprobs,
-            structured_outputs=None if params.json_schema is None else StructuredOutputsParams(json=params.json_schema),
-            output_kind=RequestOutputKind.DELTA,
-        )
+        sp = self._sampling_params(params)
+        if self._faults is not None:
+            self._faults.check("admit", params.seed)
         request_id = uuid.uuid4().hex
         count, finished = 0, False
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id):
                 c = out.outputs[0]
                 count += len(c.token_ids)
+                if self._faults is not None:
+                    self._faults.check("detokenize", params.seed)
                 finished = out.finished
-                reason = (c.finish_reason if c.finish_reason in ("stop", "length") else "stop") if finished else None
+                reason = None
+                if finished:
+                    reason = c.finish_reason
+                    if reason not in ("stop", "length"):  # "abort", "error": the engine gave up on it
+                        raise surface(EngineFailure(f"vLLM ended this request early (finish reason {reason!r})."))
                 logprobs = None
                 if params.logprobs is not None and c.logprobs:
                     logprobs = [self._token_logprob(t, top, params.logprobs) for t, top in zip(c.token_ids, c.logprobs)]

@@ -1,9 +1,16 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with a status."""
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with a status.
+
+Engines raise backends.errors' neutral exceptions; ``from_engine_error`` is the one place that
+says which OpenAI error each one is, and it is registered with backends at import, so what an
+engine raises is already an APIError wherever the routes, streams and native APIs catch them.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Any, Optional
+
+from backends import errors as engine_errors
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|[\w-]+\[.*\])$")
 
@@ -96,6 +103,21 @@ class EngineNotInstalled(EngineError):
             code="engine_not_installed",
             param="model",
         )
+
+
+def from_engine_error(exc: engine_errors.EngineError) -> APIError:
+    """The OpenAI error of an engine's neutral exception (the original stays as __cause__)."""
+    if isinstance(exc, engine_errors.NotInstalled):
+        err: APIError = EngineNotInstalled(exc.backend, exc.module, exc.alias)
+    elif isinstance(exc, engine_errors.BadInput):
+        err = InvalidRequest(exc.message, param=exc.param, code=exc.code)
+    else:
+        err = EngineError(exc.message, code=exc.code)
+    err.__cause__ = exc
+    return err
+
+
+engine_errors.set_translation(from_engine_error)
 
 
 def validation_error_to_api_error(errors: list[dict[str, Any]]) -> InvalidRequest:

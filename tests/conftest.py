@@ -18,11 +18,16 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATIVE = ["smollm2", "smollm2-hf"]  # llama.cpp, Transformers
 ALL_GENERATIVE = GENERATIVE + ["smollm2-vllm"]  # + vLLM (loaded by the vllm fixture)
 STARTUP_TIMEOUT = float(os.environ.get("LLMSERVE_TEST_STARTUP_TIMEOUT", "300"))
+# fault injection (backends/faults.py): a request with one of these seeds fails at that stage of
+# the engine's step; no other test sends these seeds (tests/test_isolation.py)
+FAULT_SEEDS = {"admit": 424_242_001, "sample": 424_242_002, "detokenize": 424_242_003, "loop": 424_242_004,
+               "trim": 424_242_005}
+FAULTS_ENV = ",".join(f"{stage}:{seed}" for stage, seed in FAULT_SEEDS.items())
 
 
 def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-server") -> ServerProcess:
     # room for every alias the suite loads, so no test sees another model evicted
-    env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8", **(env_overrides or {})}
+    env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8", "LLMSERVE_FAULTS": FAULTS_ENV, **(env_overrides or {})}
     server = bentoml_serve(ROOT / ".cache" / f"{name}.log", env)
     try:
         server.wait_ready(STARTUP_TIMEOUT)

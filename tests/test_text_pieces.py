@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from backends.base import Delta, IncrementalDetokenizer, StopScanner, with_stops
+from backends.base import Delta
+from backends.text import IncrementalDetokenizer, StopScanner, with_stops
 
 
 def feed_all(stops, pieces):
@@ -59,3 +60,65 @@ def test_incremental_detokenizer_never_splits_a_character():
     decode = lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")  # noqa: E731
     d = IncrementalDetokenizer(decode)
     assert [d.add(t) for t in (1, 2, 3, 4)] == ["caf", "", "é", "!"]
+
+
+def sentencepiece_decode(pieces: dict[int, str]):
+    """A decode that drops the leading space of what it decodes, as SentencePiece's does."""
+    return lambda ids: "".join(pieces[i] for i in ids).removeprefix(" ")
+
+
+def test_the_first_completion_token_keeps_its_leading_space_given_prompt_context():
+    pieces = {1: "The", 2: " capital", 3: " is", 4: " Paris", 5: "."}
+    detok = IncrementalDetokenizer(sentencepiece_decode(pieces), prompt=[1, 2, 3])
+    assert "".join(detok.add(t) for t in (4, 5)) == " Paris."
+    # without the prompt as context the space is lost: the reason for the context
+    assert IncrementalDetokenizer(sentencepiece_decode(pieces)).add(4) == "Paris"
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from llmserve.config import load_settings
+
+    gguf = load_settings().models["smollm2-hf"].location()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def test_logprob_bytes_of_tokens_holding_part_of_a_character_are_the_real_bytes(smollm2_tokenizer):
+    from backends.text import hf_token_bytes
+
+    text = "I love 🦙 and café"
+    ids = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    partial = [i for i in ids if "\ufffd" in smollm2_tokenizer.decode([i])]
+    assert partial, "the llama emoji should take several byte-level tokens"
+    pieces = [hf_token_bytes(smollm2_tokenizer, i) for i in ids]
+    assert b"\xef\xbf\xbd" not in b"".join(pieces)  # no U+FFFD anywhere
+    assert b"".join(pieces).decode("utf-8") == text
+
+
+def test_incremental_detokenizing_with_a_real_tokenizer_matches_decoding_the_whole(smollm2_tokenizer):
+    prompt = smollm2_tokenizer("Say something:", add_special_tokens=False)["input_ids"]
+    answer = smollm2_tokenizer(" I love 🦙 and café, naïvely!", add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(lambda ids: smollm2_tokenizer.decode(ids, skip_special_tokens=True), prompt)
+    assert "".join(detok.add(t) for t in answer) == smollm2_tokenizer.decode(answer)
+
+
+@pytest.mark.parametrize("row", [[float("nan"), 1.0, 2.0], [float("inf"), 1.0, 0.0], [float("-inf")] * 3,
+                                 [1e38, -1e38, 0.0]])
+def test_log_softmax_of_degenerate_logits_gives_numbers_json_can_carry(row):
+    import math
+
+    import numpy as np
+
+    from backends.text import log_softmax
+
+    out = log_softmax(np.array(row, dtype=np.float32))
+    assert all(math.isfinite(x) and -9999.0 <= x <= 0 for x in out.tolist()), out
+
+
+@pytest.mark.parametrize("temperature,greedy", [(0.0, True), (1e-30, True), (-1.0, True), (1e-5, False), (0.7, False)])
+def test_temperatures_too_small_to_divide_by_sample_greedily(temperature, greedy):
+    from backends.base import SamplingParams
+
+    assert SamplingParams(max_tokens=1, temperature=temperature).greedy() is greedy

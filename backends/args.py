@@ -1,0 +1,71 @@
+"""Each engine's own arguments (the ``llamacpp:`` / ``transformers:`` / ``vllm:`` keys of an
+alias), validated by pydantic; llmserve's configuration schema is built from these models."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors that name the key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LlamaCppArgs(StrictModel):
+    n_ctx: int = Field(2048, ge=16)  # context of each request (each slot)
+    parallel: int = Field(8, ge=1, le=256)  # sequences decoded together (slots)
+    n_gpu_layers: int = 0
+    n_threads: Optional[int] = Field(None, ge=1)
+    n_batch: int = Field(512, ge=1)  # tokens per decode step: next tokens plus prompt chunks
+    # prompt tokens prefilled per step beside the decoding sequences: a step of 512 prompt
+    # tokens took ~1 s on 2 cores, a stall every running stream waits out
+    prefill_chunk: int = Field(256, ge=1)
+    # serve the GGUF converted to this type (once, cached): only some types have fast batched
+    # CPU kernels (README, "llama.cpp quantization types")
+    quantize: Optional[Literal["Q4_0", "Q4_1", "Q8_0", "F16"]] = None
+    pooling: Literal["mean", "cls", "last"] = "mean"
+
+    @property
+    def concurrency(self) -> int:
+        return self.parallel
+
+
+class TransformersArgs(StrictModel):
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device_map: Optional[str] = None
+    max_context: Optional[int] = Field(None, ge=16)
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    # benchmarks at real shapes: build the model from its config with random weights
+    random_weights: bool = False
+    max_batch: int = Field(16, ge=1)  # requests decoded together; more wait in a queue
+    prefill_chunk: int = Field(128, ge=1)  # prompt tokens prefilled per step beside the decoding batch
+
+    @property
+    def concurrency(self) -> int:
+        return self.max_batch
+
+
+class VllmArgs(StrictModel):
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    quantization: Optional[str] = None
+    swap_space: Optional[float] = Field(None, ge=0)
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
+    max_model_len: Optional[int] = Field(None, ge=16)
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    load_format: Optional[str] = None
+    kv_cache_space_gib: Optional[float] = Field(None, gt=0)  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    max_num_seqs: Optional[int] = Field(None, ge=1)
+
+    seed: Optional[int] = None
+    # anything else is passed to vllm.AsyncEngineArgs as is, and checked there
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def concurrency(self) -> int:
+        return self.max_num_seqs or 256  # vLLM's own default on a GPU

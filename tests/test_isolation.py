@@ -1,0 +1,306 @@
+"""Every failure stays with its own request (issue 24), on the real engines.
+
+A fault injected into one request's step (backends/faults.py, switched on for the session
+server by conftest.FAULT_SEEDS) ends that request alone with an OpenAI-shaped error while the
+requests beside it finish with the greedy text they have without it; a dead engine loop
+answers its requests at once, says why in /models and loads again; extreme seeds and
+temperatures are served; llama.cpp re-prefills a cache it cannot trim and embeds long inputs
+whole; engine errors become OpenAI errors in one place; blocking work stays off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import FAULT_SEEDS, GENERATIVE
+
+PROMPTS = ["What is the capital of France?", "Name three colors."]
+MAX_TOKENS = 48  # long enough that the faulted request arrives while the others stream
+BOUND = 120  # seconds: what a busy 2-core machine needs at most; the stall timeout is 120 too
+
+
+def chat_body(model: str, content: str, **fields) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, **fields}
+
+
+def stream_events(url: str, body: dict, first_token: threading.Event | None = None) -> list[dict]:
+    """The data events of one streamed chat, errors included; sets ``first_token`` on the first text."""
+    events = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=BOUND) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if first_token is not None and any(c["delta"].get("content") for c in events[-1].get("choices", ())):
+                    first_token.set()
+    return events
+
+
+def text_of(events: list[dict]) -> str:
+    errors = [e for e in events if "error" in e]
+    assert not errors, errors
+    return "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+
+
+def assert_server_error(error: dict, contains: str) -> None:
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["type"] == "server_error" and contains in error["message"], error
+
+
+class Streams:
+    """Greedy streams running in threads; ``wait_streaming`` returns once each has sent a token."""
+
+    def __init__(self, url: str, bodies: list[dict]):
+        self.events: list[list[dict]] = [[] for _ in bodies]
+        self.started = [threading.Event() for _ in bodies]
+        self.threads = [threading.Thread(target=self._run, args=(url, i, b)) for i, b in enumerate(bodies)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, url, i, body):
+        try:
+            self.events[i] = stream_events(url, body, self.started[i])
+        finally:
+            self.started[i].set()  # never leave the test waiting
+
+    def wait_streaming(self) -> None:
+        for e in self.started:
+            assert e.wait(BOUND), "a stream sent no token"
+
+    def join(self) -> list[list[dict]]:
+        for t in self.threads:
+            t.join(BOUND)
+            assert not t.is_alive(), "a stream hung"
+        return self.events
+
+
+_alone: dict[str, list[str]] = {}
+
+
+def greedy_texts(url: str, model: str) -> list[str]:
+    """The two prompts' greedy answers, run together without any fault (once per model)."""
+    if model not in _alone:
+        _alone[model] = [text_of(e) for e in Streams(url, [chat_body(model, p) for p in PROMPTS]).join()]
+    return _alone[model]
+
+
+def wait_idle(http, model: str) -> None:
+    deadline = time.monotonic() + 30
+    while http.get(f"/models/{model}").json()["running_requests"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert http.get(f"/models/{model}").json()["running_requests"] == 0
+
+
+@pytest.fixture(params=GENERATIVE + ["smollm2-vllm"])
+def model(request):
+    if request.param == "smollm2-vllm":
+        request.getfixturevalue("vllm_loaded")
+    return request.param
+
+
+@pytest.mark.parametrize("stage", ["admit", "sample", "detokenize"])
+def test_a_fault_in_one_request_ends_it_alone_and_the_others_keep_their_greedy_text(server, http, model, stage):
+    if model == "smollm2-vllm" and stage == "sample":
+        pytest.skip("vLLM samples in its engine core; its per-request path here is admit and the output")
+    want = greedy_texts(server.url, model)
+    others = Streams(server.url, [chat_body(model, p) for p in PROMPTS])
+    others.wait_streaming()
+    faulted = chat_body(model, PROMPTS[0], seed=FAULT_SEEDS[stage], max_tokens=8)
+    events = stream_events(server.url, faulted)
+    assert "error" in events[-1], events[-1]
+    assert_server_error(events[-1]["error"], "injected fault")
+    plain = http.post("/v1/chat/completions", json=faulted)  # not streamed: a JSON 500
+    assert plain.status_code == 500
+    assert_server_error(plain.json()["error"], "injected fault")
+    assert [text_of(e) for e in others.join()] == want
+    # and it keeps serving: nothing left running, the next request answers
+    wait_idle(http, model)
+    again = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[1]))
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == want[1]
+
+
+@pytest.mark.parametrize("model", GENERATIVE)
+def test_a_dead_engine_loop_answers_its_requests_at_once_says_why_and_loads_again(server, http, model):
+    want = greedy_texts(server.url, model)
+    running = Streams(server.url, [chat_body(model, PROMPTS[0], max_tokens=400, ignore_eos=True)])
+    running.wait_streaming()
+    started = time.monotonic()
+    r = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[1], seed=FAULT_SEEDS["loop"], max_tokens=8))
+    assert r.status_code == 500
+    assert_server_error(r.json()["error"], "injected fault")
+    [events] = running.join()
+    assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error", events[-1]
+    assert time.monotonic() - started < 60, "the requests of a dead loop waited"
+    row = http.get(f"/models/{model}").json()
+    assert row["error"] and "loop stopped" in row["error"], row
+    r = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[1]))
+    if r.status_code == 503:  # the manager names the way back
+        assert f"/models/{model}/load" in r.json()["error"]["message"]
+        assert http.post(f"/models/{model}/load", timeout=600).status_code == 200
+        r = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[1]))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want[1]
+    assert http.get(f"/models/{model}").json()["error"] is None
+
+
+EXTREME = [{"seed": 2**64 + 5}, {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 2},
+           {"temperature": 1e-30, "seed": 1}, {"temperature": 1e-30, "top_p": 1e-9}]
+
+
+def test_extreme_seeds_and_temperatures_are_served_beside_greedy_streams(server, http, model):
+    want = greedy_texts(server.url, model)
+    others = Streams(server.url, [chat_body(model, p) for p in PROMPTS])
+    others.wait_streaming()
+    for fields in EXTREME:
+        r = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[0], max_tokens=4, **fields))
+        # served, or refused at the schema naming the field; never a 500 or a hang
+        if r.status_code == 400:
+            assert r.json()["error"]["param"] in fields, (fields, r.json())
+        else:
+            assert r.status_code == 200, (fields, r.text)
+    assert [text_of(e) for e in others.join()] == want
+
+
+def test_a_slot_cache_that_cannot_be_trimmed_is_prefilled_again_and_answers_the_same(server, http):
+    body = chat_body("smollm2", "Tell me about the Moon.", max_tokens=16)
+    first = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    log_before = len(server.log_path.read_text(errors="replace"))
+    # same prompt: the slot holding it is reused, and its trim "fails" for this seed
+    again = http.post("/v1/chat/completions", json={**body, "seed": FAULT_SEEDS["trim"]})
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == first
+    assert "cannot drop the tail of its cached tokens" in server.log_path.read_text(errors="replace")[log_before:]
+
+
+def test_llamacpp_embeds_inputs_longer_than_a_batch_whole_and_refuses_longer_than_its_context(http):
+    head = "The quick brown fox jumps over the lazy dog. " * 60  # ~600 tokens: past the default n_batch of 512
+    tails = [" Cats purr softly on warm windowsills.", " Rockets launch into the cold night sky."]
+    r = http.post("/v1/embeddings", json={"model": "smollm2-embed", "input": [head + t for t in tails]}, timeout=300)
+    assert r.status_code == 200, r.text
+    a, b = (d["embedding"] for d in r.json()["data"])
+    assert r.json()["usage"]["prompt_tokens"] > 2 * 550
+    assert max(abs(x - y) for x, y in zip(a, b)) > 1e-6, "the tails were cut off: both vectors are the same"
+    r = http.post("/v1/embeddings", json={"model": "smollm2-embed", "input": [head * 4]}, timeout=300)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+
+
+# -- in process: the error mapping, the sampler's arithmetic, work off the event loop --------------
+def test_engine_errors_become_openai_errors_naming_the_field():
+    from backends.errors import BadInput, EngineFailure, NotInstalled, surface
+    from llmserve.errors import EngineError, EngineNotInstalled, InvalidRequest
+
+    bad = surface(BadInput("too long", param="input", code="context_length_exceeded"))
+    assert isinstance(bad, InvalidRequest) and (bad.status, bad.param, bad.code) == (400, "input", "context_length_exceeded")
+    missing = surface(NotInstalled("vllm", "vllm", "big"))
+    assert isinstance(missing, EngineNotInstalled) and missing.status == 400 and "pip install" in missing.message
+    failed = surface(EngineFailure("boom"))
+    assert isinstance(failed, EngineError) and failed.status == 500 and failed.type == "server_error"
+
+
+def test_backends_import_nothing_from_llmserve():
+    import ast
+    from pathlib import Path
+
+    for path in Path(__file__).resolve().parent.parent.joinpath("backends").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] == "llmserve" for n in names), f"{path.name} imports {names}"
+
+
+@pytest.mark.parametrize("logits,temperature,allowed", [
+    ([float("nan"), 1.0, 2.0], 0.7, {1, 2}),  # a NaN logit never wins
+    ([float("inf"), 1.0, 2.0], 0.7, {0}),  # +inf is certain
+    ([1e38, -1e38, 3e38], 1e-4, {2}),  # dividing by the temperature would overflow
+    ([1.0, 2.0, 3.0], 1e-30, {2}),  # too small to divide by: greedy
+])
+def test_the_transformers_sampler_survives_degenerate_logits_and_temperatures(logits, temperature, allowed):
+    import torch
+
+    from backends.base import SamplingParams
+    from backends.transformers_backend import BatchLoop
+
+    loop = object.__new__(BatchLoop)  # only the arithmetic: no model, no thread
+    loop.torch = torch
+    row = type("Row", (), {})()
+    row.request = type("Request", (), {"params": SamplingParams(max_tokens=1, temperature=temperature)})()
+    row.generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert BatchLoop._sample_row(loop, torch.tensor(logits), row) in allowed
+
+
+async def test_vllm_tokenizing_runs_off_the_event_loop():
+    from backends.scheduling import EngineThread
+    from backends.vllm_backend import VllmBackend
+
+    seen = []
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, **kw):
+            seen.append(threading.get_ident())
+            return "text"
+
+        def __call__(self, text, **kw):
+            seen.append(threading.get_ident())
+            return {"input_ids": [1, 2]}
+
+    backend = object.__new__(VllmBackend)
+    backend.tokenizer, backend._tokenizing = Tokenizer(), EngineThread("test-tokenize")
+    try:
+        assert await backend.encode_chat([{"role": "user", "content": "hi"}]) == [1, 2]
+        assert await backend.encode_text("hi") == [1, 2]
+    finally:
+        backend._tokenizing.shutdown()
+    assert seen and threading.get_ident() not in seen
+
+
+async def test_the_transformers_grammar_compiles_off_the_event_loop():
+    from backends.base import Delta, SamplingParams
+    from backends.scheduling import EngineThread
+    from backends.transformers_backend import TransformersBackend
+
+    compiled_on, given = [], []
+
+    class Batcher:
+        async def stream(self, prompt, params, grammar=None):
+            given.append(grammar)
+            yield Delta("{}", 1, "stop")
+
+    backend = object.__new__(TransformersBackend)
+    backend._thread, backend.batcher = EngineThread("test-grammar"), Batcher()
+    backend._json_grammar = lambda schema: compiled_on.append(threading.get_ident()) or "grammar"
+    try:
+        deltas = [d async for d in backend.generate([1], SamplingParams(max_tokens=4, json_schema={"type": "object"}))]
+    finally:
+        backend._thread.shutdown()
+    assert given == ["grammar"] and deltas[0].text == "{}"
+    assert compiled_on and compiled_on[0] != threading.get_ident()
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("reason,ends", [("stop", "stop"), ("length", "length"), ("abort", None)])
+async def test_vllm_reports_only_stop_and_length_as_finish_reasons(reason, ends):
+    from types import SimpleNamespace
+
+    from backends.base import SamplingParams
+    from backends.vllm_backend import VllmBackend
+    from llmserve.errors import EngineError
+
+    class Engine:  # the shape of AsyncLLM.generate's outputs, ending with ``reason``
+        async def generate(self, prompt, params, request_id):
+            yield SimpleNamespace(finished=True, outputs=[SimpleNamespace(text="Hi", token_ids=[1], logprobs=None,
+                                                                          finish_reason=reason)])
+
+    backend = object.__new__(VllmBackend)
+    backend.engine, backend._faults = Engine(), None
+    deltas = backend.generate([1, 2], SamplingParams(max_tokens=4))
+    if ends:
+        assert [d.finish_reason async for d in deltas] == [ends]
+    else:  # the engine gave up on the request: an error, never a quiet "stop"
+        with pytest.raises(EngineError, match="abort"):
+            [d async for d in deltas]
