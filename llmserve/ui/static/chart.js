@@ -4,16 +4,17 @@ const PAD = { left: 44, right: 10, top: 10, bottom: 22 };
 
 /**
  * series: [{ values: number[], color }]; all of one length, the last value the newest.
- * seconds: how long the x axis spans (for its labels).
+ * seconds: how long the x axis spans (for its labels); counts: whole-number ticks.
  */
-export function drawChart(canvas, series, seconds) {
+export function drawChart(canvas, series, seconds, { counts = false } = {}) {
   const ctx = canvas.getContext("2d");
   const { width, height } = canvas;
   const w = width - PAD.left - PAD.right;
   const h = height - PAD.top - PAD.bottom;
   ctx.clearRect(0, 0, width, height);
   const n = Math.max(...series.map((s) => s.values.length), 2);
-  const top = niceCeiling(Math.max(1, ...series.flatMap((s) => s.values)));
+  const highest = Math.max(1, ...series.flatMap((s) => s.values));
+  const top = counts ? 4 * Math.ceil(highest / 4) : niceCeiling(highest);
 
   ctx.font = "11px system-ui, sans-serif";
   ctx.strokeStyle = "#dde2e8";

@@ -61,7 +61,7 @@ function draw() {
   drawChart($("chart-requests"), [
     { values: samples.running, color: "#2e8b57" },
     { values: samples.waiting, color: "#d2691e" },
-  ], seconds);
+  ], seconds, { counts: true });
 }
 
 export function startLive(showNotice) {
