@@ -22,7 +22,8 @@ def build(tmp_path, **env) -> dict:
     (bento_yaml,) = home.glob("bentos/llmserve/*/bento.yaml")
     bento = bento_yaml.parent
     files = {str(p.relative_to(bento)) for p in bento.rglob("*") if p.is_file()}
-    assert {"src/service.py", "src/configuration.yaml", "src/llmserve/manager.py", "src/backends/base.py"} <= files
+    assert {"src/service.py", "src/configuration.yaml", "src/llmserve/manager.py", "src/backends/base.py",
+            "src/llmserve/ui/index.html", "src/llmserve/ui/static/app.js"} <= files  # the pages too
     assert not any(f.startswith(("src/tests", "src/.venv")) for f in files)
     assert any(f.startswith("env/docker") for f in files)
     return yaml.safe_load(bento_yaml.read_text())

@@ -150,6 +150,7 @@ def last_reply(page):
     ("/", "table td code"),
     ("/ui/#chat", "#alias[data-ready=true]"),
     ("/ui/#models", "#models tr[data-alias=smollm2]"),
+    ("/ui/#live", "#chart-tps[data-samples]"),
     ("/v1/docs", ".swagger-ui .info .title"),
 ])
 def test_every_page_loads_with_no_console_errors(page, path, ready):
