@@ -165,6 +165,7 @@ class Settings(BaseSettings):
     api_keys: Optional[SecretStr] = None
     admin_keys: Optional[SecretStr] = None
     cors_origins: list[str] = Field(default_factory=list)  # CORS stays off unless origins are listed
+    ui: bool = True  # the web console at /ui (llmserve/ui/)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # the server's own lines ("llmserve")
     log_format: Literal["text", "json"] = "text"  # json: one object per line, for log collectors
     limits: Limits = Field(default_factory=Limits)

@@ -23,10 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import APIError, Forbidden, InvalidRequest, Unauthorized, validation_error_to_api_error
 from .openai_api import OpenAIOperations
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .ui import mount as mount_pages
 
 log = logging.getLogger("llmserve")
 
-app = FastAPI(title="llmserve OpenAI-compatible API", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+app = FastAPI(title="llmserve OpenAI-compatible API", docs_url=None, openapi_url="/v1/openapi.json")
+mount_pages(app)  # the index page at /, the console at /ui, /v1/docs with local Swagger UI assets
 
 
 def ops(request: Request) -> OpenAIOperations:

@@ -13,6 +13,19 @@ case "$target" in
   *) echo "LLMSERVE_TARGET must be cpu or gpu, not '$target'" >&2; exit 2 ;;
 esac
 
+# the web console's browser tests (tests/test_ui.py) drive Debian's Chromium through Playwright
+# (Playwright's own browser download is not used); ~1 min once, nothing when it is there
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's chromium for the browser tests"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "setup: apt-get could not install chromium: tests/test_ui.py will skip its browser tests" >&2
+  else
+    echo "setup: no chromium and no root apt-get here: tests/test_ui.py will skip its browser tests" \
+      "(install Debian's chromium package to run them)" >&2
+  fi
+fi
+
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 stamp=.venv/.llmserve-installed
 want="$target $(cat pyproject.toml "$constraints" scripts/setup.sh | sha256sum | cut -c1-16)"
