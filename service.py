@@ -3,7 +3,8 @@ the engines in backends/.
 
 Request path: an HTTP route (llmserve/routes.py, OpenAI-compatible, under /v1 and
 /api/v1) or a BentoML API below -> OpenAIOperations (llmserve/openai_api.py: checks,
-sampling, SSE chunks) -> ModelManager (llmserve/manager.py: alias -> loaded backend)
+sampling, SSE chunks; the Responses API in llmserve/responses.py maps onto its chat
+operation) -> ModelManager (llmserve/manager.py: alias -> loaded backend)
 -> one backend in backends/*_backend.py -> its engine.
 
 The generation routes stream one SSE chunk per token: BentoML's per-chunk tracing is
