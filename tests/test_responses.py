@@ -290,3 +290,40 @@ def test_a_client_that_leaves_mid_stream_stops_the_engine(server, http):
     while server.metric("llm_requests_total", model="smollm2", status="aborted") <= aborted:
         assert time.monotonic() - closed < 5.0, "the chat generation under the stream was not aborted within 5 s"
         time.sleep(0.05)
+
+
+def test_a_generation_that_fails_mid_stream_ends_with_response_failed(tmp_path):
+    """In-process on llama.cpp: a stall_timeout shorter than the time to the first token fails the
+    chat stream underneath; the Responses stream ends with response.failed naming why, and the
+    stored response says failed."""
+    import asyncio
+
+    from llmserve.config import load_settings
+    from llmserve.manager import ModelManager
+    from llmserve.openai_api import OpenAIOperations
+    from llmserve.responses import ResponsesOperations
+    from llmserve.responses_schemas import ResponsesRequest
+
+    async def run():
+        settings = load_settings()
+        settings.limits.stall_timeout = 0.001
+        settings.responses.store_path = str(tmp_path / "r.sqlite3")
+        manager = ModelManager(settings)
+        responses = ResponsesOperations(OpenAIOperations(manager, settings), settings)
+        try:
+            await manager.load("smollm2")
+            stream = await responses.create(ResponsesRequest(model="smollm2", input=QUESTION, max_output_tokens=64,
+                                                             stream=True))
+            events = [json.loads(chunk.split("data: ", 1)[1]) async for chunk in stream]
+            stored = await responses.retrieve(events[-1]["response"]["id"])
+            return events, stored
+        finally:
+            responses.close()
+            await manager.shutdown()
+
+    events, stored = asyncio.run(run())
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    assert [e["sequence_number"] for e in events] == [0, 1, 2]
+    error = events[-1]["response"]["error"]
+    assert error["code"] == "timeout" and "limits.stall_timeout" in error["message"]
+    assert stored["status"] == "failed" and stored["error"] == error
