@@ -70,7 +70,7 @@ class ResponsesOperations:
             return self._stream(run, result)
         choice = result["choices"][0]
         output = OutputItems(EventWriter())  # the same items a stream builds; the events are not sent
-        if choice["message"].get("content") is not None:
+        if choice["message"].get("content"):  # as in a stream, where empty pieces send nothing
             output.text(choice["message"]["content"])
         for k, call in enumerate(choice["message"].get("tool_calls") or ()):
             output.call({"index": k, **call})
@@ -95,8 +95,12 @@ class ResponsesOperations:
         self.store.close()
 
     async def _keep(self, run: "Run", response: dict[str, Any]) -> None:
-        if run.req.store is not False:
+        if run.req.store is False:
+            return
+        try:
             await self.store.put(response, run.conversation)
+        except Exception:  # noqa: BLE001 - the answer is complete; only its continuation is lost
+            log.exception("storing response %s in %s failed", response["id"], self.store.path)
 
     async def _stream(self, run: "Run", chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """The chat stream's chunks as Responses events (Server-Sent Events with ``event:``
@@ -137,10 +141,7 @@ class ResponsesOperations:
                 status = output.status(finish)
                 response = run.response(status, output.items, _usage(usage))
                 final = "response.completed" if status == "completed" else "response.incomplete"
-            try:
-                await self._keep(run, response)
-            except Exception:  # noqa: BLE001 - the answer is complete; only its continuation is lost
-                log.exception("storing response %s failed", response["id"])
+            await self._keep(run, response)
             yield w.event(final, response=response)
         finally:
             # runs too when the client goes away: closing the chat stream stops the engine's work
