@@ -3,7 +3,8 @@ the engines in backends/.
 
 Request path: an HTTP route (llmserve/routes.py, OpenAI-compatible, under /v1 and
 /api/v1) or a BentoML API below -> OpenAIOperations (llmserve/openai_api.py: checks,
-sampling, SSE chunks) -> ModelManager (llmserve/manager.py: alias -> loaded backend)
+sampling, SSE chunks; the Responses API in llmserve/responses.py maps onto its chat
+operation) -> ModelManager (llmserve/manager.py: alias -> loaded backend)
 -> one backend in backends/*_backend.py -> its engine.
 
 The generation routes stream one SSE chunk per token: BentoML's per-chunk tracing is
@@ -22,6 +23,7 @@ from llmserve.config import load_settings
 from llmserve.errors import APIError
 from llmserve.routes import ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
 from llmserve.runtime import Runtime
+from llmserve.responses_schemas import ResponsesRequest
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmserve.tracing import EXCLUDED_URLS, GenerationRouteSpans
 
@@ -90,6 +92,11 @@ class LLMService:
     async def embed(self, **body) -> str:
         """Embeddings; the fields of OpenAI's /v1/embeddings body."""
         return await as_response(lambda: self.ops.embed(EmbeddingRequest.model_validate(body)))
+
+    @openai_api(ResponsesRequest)
+    async def respond(self, **body) -> str:
+        """Responses API; the fields of OpenAI's /v1/responses body."""
+        return await as_response(lambda: self.runtime.responses.create(ResponsesRequest.model_validate(body)))
 
     @bentoml.api
     async def list_models(self) -> dict:

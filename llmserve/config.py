@@ -150,6 +150,15 @@ class Serverless(_Strict):
     volume: Optional[str] = None  # a Modal Volume mounted at the cache dir for large weights
 
 
+class ResponsesSettings(_Strict):
+    """Stored responses of the Responses API (llmserve/response_store.py)."""
+
+    # the SQLite file; default $XDG_DATA_HOME/llmserve/responses.sqlite3 (~/.local/share/llmserve/...)
+    store_path: Optional[str] = None
+    max_stored: int = Field(10_000, ge=1)  # past it, the oldest stored responses are dropped
+    max_age_days: float = Field(30, gt=0)  # older stored responses are dropped (OpenAI keeps them 30 days)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMSERVE_", env_nested_delimiter="__", extra="forbid"
@@ -171,6 +180,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     service: ServiceResources = Field(default_factory=ServiceResources)
     serverless: Serverless = Field(default_factory=Serverless)
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     models: dict[str, ModelConfig]
 
     @classmethod

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP surface (FastAPI), mounted into the BentoML service.
 
 Routes, under /v1 and again under /api/v1:
-  POST /chat/completions, POST /completions, POST /embeddings, GET /models
+  POST /chat/completions, POST /completions, POST /embeddings, GET /models,
+  POST /responses, GET /responses/{id}, DELETE /responses/{id} (llmserve/responses.py)
 Model admin, at the root and under both prefixes:
   GET /models, GET /models/{name}, POST /models/{name}/load, POST /models/{name}/unload
 
@@ -22,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError, Forbidden, InvalidRequest, Unauthorized, validation_error_to_api_error
 from .openai_api import OpenAIOperations
+from .responses import ResponsesOperations
+from .responses_schemas import ResponsesRequest
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .ui import mount as mount_pages
 
@@ -34,6 +37,10 @@ mount_pages(app)  # the index page at /, the console at /ui, /v1/docs with local
 def ops(request: Request) -> OpenAIOperations:
     """The operations object the service put on the app at start-up."""
     return request.app.state.ops
+
+
+def responses_ops(request: Request) -> ResponsesOperations:
+    return request.app.state.responses
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -135,7 +142,7 @@ class NativeAPIKeys:
     pass through this app's routes (pure ASGI, in front of the BentoML service)."""
 
     ADMIN = {"/load_model", "/unload_model"}
-    INFERENCE = {"/chat", "/complete", "/embed", "/list_models"}
+    INFERENCE = {"/chat", "/complete", "/embed", "/respond", "/list_models"}
 
     def __init__(self, app, settings):
         self.app, self.settings = app, settings
@@ -176,6 +183,21 @@ async def completions(req: CompletionRequest, o: OpenAIOperations = Depends(ops)
 @openai_router.post("/embeddings")
 async def embeddings(req: EmbeddingRequest, o: OpenAIOperations = Depends(ops)):
     return await o.embed(req)
+
+
+@openai_router.post("/responses")
+async def create_response(req: ResponsesRequest, r: ResponsesOperations = Depends(responses_ops)):
+    return respond(await r.create(req))
+
+
+@openai_router.get("/responses/{response_id}")
+async def retrieve_response(response_id: str, r: ResponsesOperations = Depends(responses_ops)):
+    return await r.retrieve(response_id)
+
+
+@openai_router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, r: ResponsesOperations = Depends(responses_ops)):
+    return await r.delete(response_id)
 
 
 @admin_router.get("/models")

@@ -15,6 +15,7 @@ from .config import Settings
 from .logs import log_startup, setup_logging
 from .manager import ModelManager
 from .openai_api import OpenAIOperations
+from .responses import ResponsesOperations
 from .routes import BodyLimit, ControlCharacterPaths, app
 
 
@@ -24,6 +25,8 @@ class Runtime:
         self.manager = ModelManager(settings)
         self.ops = OpenAIOperations(self.manager, settings)
         app.state.ops = self.ops
+        self.responses = ResponsesOperations(self.ops, settings)
+        app.state.responses = self.responses
         self._preload: asyncio.Task | None = None
         _add_middleware(settings)
 
@@ -48,6 +51,7 @@ class Runtime:
         if getattr(self, "_expiry", None):
             self._expiry.cancel()
         await self.manager.shutdown()
+        self.responses.close()
 
     def asgi_app(self):
         """The HTTP surface with /livez and /readyz of its own, for platforms that (unlike

@@ -15,7 +15,7 @@ from tests.conftest import GENERATIVE
 def _bounded(body):
     """Keeps generations short, and on the models this suite runs."""
     if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(key), int) and body[key] > 4:
                 body[key] = 4
         if isinstance(body.get("n"), int) and body["n"] > 2:
