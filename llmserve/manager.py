@@ -95,6 +95,7 @@ class ModelManager:
                 "loading": alias in self._loading,
                 "loading_since": self._loading.get(alias),
                 "waiting_for_load": self._waiting[alias],
+                "in_use": self._in_flight[alias],  # requests holding it (running, queued or streaming)
                 "error": self.errors.get(alias),
                 "source": cfg.source or f"{cfg.package.package}/{cfg.package.path}",
                 "preload": cfg.preload,
