@@ -84,3 +84,52 @@ def test_a_client_that_leaves_stops_its_generation_and_every_count_returns_to_ze
         sock.close()
     wait_for(lambda: idle(server, http, model), f"{model}, {path}: a count stayed raised after the client left")
     assert server.metric("llm_requests_total", model=model, status="aborted") - aborted == choices
+
+
+async def test_when_one_of_n_choices_fails_the_others_are_cancelled_at_once():
+    """In-process, the front end's own logic (no engine can be made to fail one choice of n
+    on demand yet): choice 1's generation raises, and choice 0's, which would run on for
+    minutes, is closed before the error answer comes back."""
+    import asyncio
+
+    from backends.base import CHAT as CHAT_CAPABILITY, Backend, Delta
+    from llmserve.config import load_settings
+    from llmserve.errors import APIError
+    from llmserve.manager import ModelManager
+    from llmserve.openai_api import OpenAIOperations
+    from llmserve.schemas import ChatCompletionRequest
+
+    closed: list[int] = []
+
+    class OneChoiceFails(Backend):
+        name = "stub"
+
+        async def load(self): ...
+        async def unload(self): ...
+        def capabilities(self): return {CHAT_CAPABILITY}
+        def context_length(self): return 4096
+        def running_requests(self): return 0
+        async def encode_chat(self, messages): return [1, 2, 3]
+        async def encode_text(self, text): return [1, 2, 3]
+
+        async def generate(self, prompt_ids, params):
+            try:
+                for n in range(1, 100_000):
+                    await asyncio.sleep(0.01)
+                    if params.seed == 8 and n == 3:
+                        raise RuntimeError("choice 1 failed")
+                    yield Delta("x", n)
+            finally:
+                closed.append(params.seed)
+
+    settings = load_settings()
+    manager = ModelManager(settings)
+    manager.loaded["smollm2"] = OneChoiceFails("smollm2", settings.models["smollm2"])
+    ops = OpenAIOperations(manager, settings)
+    req = ChatCompletionRequest.model_validate({**CHAT, "model": "smollm2", "n": 2, "seed": 7, "max_tokens": 4000})
+    started = time.monotonic()
+    with pytest.raises(APIError) as failed:
+        await ops.chat(req)
+    assert failed.value.status == 500 and "choice 1 failed" not in failed.value.message
+    assert sorted(closed) == [7, 8], "the other choice's generation was left running"
+    assert time.monotonic() - started < 5 and manager.list_models()[0]["in_use"] == 0
