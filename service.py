@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from llmserve.config import load_settings
 from llmserve.errors import APIError
-from llmserve.routes import BodyLimit, ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
+from llmserve.routes import BodyLimit, ByteOrderMark, ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
 from llmserve.runtime import Runtime
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmserve.tracing import EXCLUDED_URLS, GenerationRouteSpans
@@ -108,4 +108,5 @@ LLMService.add_asgi_middleware(GenerationRouteSpans)
 LLMService.add_asgi_middleware(NativeAPIKeys, settings=settings)
 # BentoML's native APIs (/chat, /embed, ...) get the body limit of the /v1 routes
 LLMService.add_asgi_middleware(BodyLimit, limit=lambda: settings.limits.max_body_bytes)
+LLMService.add_asgi_middleware(ByteOrderMark)
 LLMService.add_asgi_middleware(ControlCharacterPaths)

@@ -148,6 +148,32 @@ class _TooLarge(BaseException):
     """BaseException: FastAPI turns any Exception raised while it reads a body into a 400."""
 
 
+class ByteOrderMark:
+    """Drops a UTF-8 byte order mark that starts a request body (pure ASGI): the /v1 routes
+    read such JSON (Python's json does), BentoML's native APIs would answer a 400 of their
+    own shape, so both read it alike."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        first = True
+
+        async def without_mark():
+            nonlocal first
+            message = await receive()
+            if first and message["type"] == "http.request":
+                first = False
+                body = message.get("body", b"")
+                if body.startswith(b"\xef\xbb\xbf"):
+                    message = {**message, "body": body[3:]}
+            return message
+
+        await self.app(scope, without_mark, send)
+
+
 class NativeAPIKeys:
     """The same keys for BentoML's native APIs (POST /chat, /load_model, ...), which do not
     pass through this app's routes (pure ASGI, in front of the BentoML service)."""

@@ -204,12 +204,11 @@ def test_a_lone_utf16_surrogate_is_400_naming_where_it_is(http, route, body, par
     (CHAT, {"model": "smollm2", "messages": MSG, "max_tokens": 2}),
     ("/chat", {"model": "smollm2", "messages": MSG, "max_tokens": 2}),
 ])
-def test_a_body_starting_with_a_utf8_byte_order_mark_gets_an_answer(http, route, body):
+def test_a_body_starting_with_a_utf8_byte_order_mark_is_read(http, route, body):
     raw = b"\xef\xbb\xbf" + json.dumps(body).encode()
     r = http.post(route, content=raw, headers={"content-type": "application/json"})
-    assert r.status_code in (200, 400), r.text
-    if r.status_code == 400:
-        assert_openai_error(r, 400, contains="json")
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
 
 
 @pytest.mark.parametrize("dimensions", [-1, 0, "x", True, 100])
