@@ -276,7 +276,9 @@ class ModelManager:
                                 param="model", code="model_not_loaded")
             self._waiting[alias] += 1
             try:
-                await self.load(alias)
+                # shielded: a client that leaves (its request cancelled) must not cut short a load
+                # that other requests wait for, halfway through starting an engine
+                await asyncio.shield(self.load(alias))
             finally:
                 self._waiting[alias] -= 1
             backend = self.loaded.get(alias)
