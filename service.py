@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from llmserve.config import load_settings
 from llmserve.errors import APIError
-from llmserve.routes import ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
+from llmserve.routes import BodyLimit, ByteOrderMark, ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
 from llmserve.runtime import Runtime
 from llmserve.responses_schemas import ResponsesRequest
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -113,4 +113,7 @@ class LLMService:
 
 LLMService.add_asgi_middleware(GenerationRouteSpans)
 LLMService.add_asgi_middleware(NativeAPIKeys, settings=settings)
+# BentoML's native APIs (/chat, /embed, ...) get the body limit of the /v1 routes
+LLMService.add_asgi_middleware(BodyLimit, limit=lambda: settings.limits.max_body_bytes)
+LLMService.add_asgi_middleware(ByteOrderMark)
 LLMService.add_asgi_middleware(ControlCharacterPaths)

@@ -127,6 +127,9 @@ class Limits(_Strict):
     request_timeout: float = Field(600, gt=0)  # seconds a generation may take in all
     stall_timeout: float = Field(120, gt=0)  # seconds without a new token before a generation is ended
     drain_timeout: float = Field(30, ge=0)  # seconds an unload or shutdown lets running requests finish
+    # a request for an unloaded alias loads it only when its key could load it by hand (an admin
+    # key, where admin keys are set); others get a 403
+    load_on_demand_requires_admin: bool = False
 
 
 class ServiceResources(_Strict):

@@ -8,6 +8,7 @@ engine raises is already an APIError wherever the routes, streams and native API
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any, Optional
 
 from backends import errors as engine_errors
@@ -86,6 +87,16 @@ class EngineError(APIError):
     type = "server_error"
 
 
+class InternalError(EngineError):
+    """A 500 whose cause is told only to the server log: the client gets an id to quote,
+    and the log line with the exception carries the same id."""
+
+    def __init__(self, what: str):
+        self.error_id = uuid.uuid4().hex[:16]
+        super().__init__(f"{what} (error id {self.error_id}; the server log has the details).",
+                         code="internal_error")
+
+
 class EngineNotInstalled(EngineError):
     status = 400
     type = "invalid_request_error"
@@ -129,7 +140,8 @@ def validation_error_to_api_error(errors: list[dict[str, Any]]) -> InvalidReques
             return InvalidRequest(f"The request body is not valid JSON ({detail}).", code="invalid_json")
         # drop "body" and the union-member tags pydantic puts in the path ("str", "list[str]")
         loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
-        param = ".".join(loc) or None
+        # a check of the whole body names the field it found at fault in its context
+        param = (err.get("ctx") or {}).get("field") or ".".join(loc) or None
         first_param = first_param or param
         if param not in seen:
             seen.add(param)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib.util
 import logging
 import time
@@ -11,11 +12,16 @@ from typing import Any, AsyncIterator
 
 from backends.base import Backend
 from .config import ModelConfig, Settings
-from .errors import APIError, EngineError, EngineNotInstalled, InvalidRequest, ModelNotFound, Overloaded
+from .errors import APIError, EngineError, EngineNotInstalled, Forbidden, InvalidRequest, ModelNotFound, Overloaded
 from .logs import gpu_bytes, mib, rss_bytes
 from .metrics import MODEL_LOAD_SECONDS
 
 log = logging.getLogger("llmserve")
+
+# whether the request being served may load a model (set by the HTTP layer from its key):
+# with limits.load_on_demand_requires_admin, only a caller who could POST /models/{name}/load
+# may make a request load one on demand
+MAY_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("llmserve_may_load", default=True)
 
 # backend name -> (module, class, the engine module it needs)
 BACKENDS = {
@@ -54,7 +60,10 @@ class ModelManager:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.loaded: dict[str, Backend] = {}
-        self._locks: dict[str, asyncio.Lock] = {a: asyncio.Lock() for a in settings.models}
+        # loads, unloads and evictions, of every alias, one at a time: room is made and taken
+        # under one lock, so two loads cannot both pass max_loaded_models or the memory budget,
+        # and an eviction cannot run beside a new load of its victim
+        self._lock = asyncio.Lock()
         self._in_flight: dict[str, int] = {a: 0 for a in settings.models}
         self._last_used: dict[str, float] = {}
         self._measured: dict[str, int] = {}  # resident memory each alias's last load took
@@ -86,6 +95,7 @@ class ModelManager:
                 "loading": alias in self._loading,
                 "loading_since": self._loading.get(alias),
                 "waiting_for_load": self._waiting[alias],
+                "in_use": self._in_flight[alias],  # requests holding it (running, queued or streaming)
                 "error": self.errors.get(alias),
                 "source": cfg.source or f"{cfg.package.package}/{cfg.package.path}",
                 "preload": cfg.preload,
@@ -112,7 +122,8 @@ class ModelManager:
                 keep = self.settings.models[alias].keep_alive
                 idle = now - self._last_used.get(alias, now)
                 if keep is not None and not self._in_flight[alias] and idle > keep:
-                    await self.unload(alias, drain_timeout=0, reason=f"idle for {idle:.0f} s, keep_alive {keep:g} s")
+                    await self.unload(alias, drain_timeout=0, reason=f"idle for {idle:.0f} s, keep_alive {keep:g} s",
+                                      only_if_idle=True)
 
     async def preload(self) -> None:
         """Loads the preload aliases; one that fails is logged and listed with its error,
@@ -126,7 +137,7 @@ class ModelManager:
 
     async def load(self, alias: str) -> dict[str, Any]:
         cfg = self.config(alias)
-        async with self._locks[alias]:
+        async with self._lock:
             if alias in self.loaded and self.loaded[alias].failure() is None:
                 return self.loaded[alias].describe()
             if alias in self.loaded:  # its engine died: what is left is shut down, then a fresh load
@@ -169,13 +180,17 @@ class ModelManager:
                      f"; {waited} request(s) waited for it" if waited else "")
             return backend.describe()
 
-    async def unload(self, alias: str, drain_timeout: float | None = None, reason: str = "requested") -> bool:
+    async def unload(self, alias: str, drain_timeout: float | None = None, reason: str = "requested",
+                     only_if_idle: bool = False) -> bool:
         """Unloads ``alias`` once its running requests finish, or after ``drain_timeout``
-        (limits.drain_timeout) ends the rest with an error event."""
+        (limits.drain_timeout) ends the rest with an error event. ``only_if_idle``: not when
+        a request came while the lock was awaited."""
         self.config(alias)
         if drain_timeout is None:
             drain_timeout = self.settings.limits.drain_timeout
-        async with self._locks[alias]:
+        async with self._lock:
+            if only_if_idle and self._in_flight[alias]:
+                return False
             backend = self.loaded.pop(alias, None)
             if backend is None:
                 return False
@@ -187,7 +202,7 @@ class ModelManager:
             return True
 
     async def _drop(self, alias: str, backend: Backend, reason: str) -> None:
-        """Unloads ``backend`` of ``alias`` (its lock held); an engine that died may fail to
+        """Unloads ``backend`` of ``alias`` (the lock held); an engine that died may fail to
         shut down cleanly, which only gets logged."""
         try:
             await backend.unload()
@@ -255,9 +270,15 @@ class ModelManager:
                     param="model",
                     code="model_not_loaded",
                 )
+            if self.settings.limits.load_on_demand_requires_admin and not MAY_LOAD.get():
+                raise Forbidden(f"Model {alias!r} is not loaded, and loading one on demand needs an admin key "
+                                f"(limits.load_on_demand_requires_admin); ask an admin to POST /models/{alias}/load.",
+                                param="model", code="model_not_loaded")
             self._waiting[alias] += 1
             try:
-                await self.load(alias)
+                # shielded: a client that leaves (its request cancelled) must not cut short a load
+                # that other requests wait for, halfway through starting an engine
+                await asyncio.shield(self.load(alias))
             finally:
                 self._waiting[alias] -= 1
             backend = self.loaded.get(alias)

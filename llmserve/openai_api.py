@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional, Union
 from backends.base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, TokenLogprob, with_stops
 from . import tools
 from .config import Settings
-from .errors import APIError, EngineError, InvalidRequest
+from .errors import APIError, EngineError, InternalError, InvalidRequest
 from .manager import ModelManager
 from .metrics import RequestMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -72,13 +72,18 @@ class OpenAIOperations:
             )
         self._check_prompt_size(sum(len(s) for s in req.input))
         async with self.manager.use(alias, EMBEDDINGS) as backend:
+            texts = await self._embedding_texts(req, backend) if req.token_ids() else req.input
             try:
-                result = await backend.embed(req.input)
+                result = await backend.embed(texts)
             except APIError:
                 raise
             except Exception as exc:
-                log.exception("embedding failed on %s", alias)
-                raise EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}") from exc
+                raise self._engine_failure(backend, alias, exc) from exc
+        size = len(result.vectors[0]) if result.vectors else None
+        if req.dimensions is not None and req.dimensions != size:
+            raise InvalidRequest(f"`dimensions` is {req.dimensions}, but model {alias!r} makes embeddings of {size} "
+                                 "dimensions and cannot shorten them; leave `dimensions` out or give its own size.",
+                                 param="dimensions", code="unsupported_value")
         data = []
         for i, vec in enumerate(result.vectors):
             emb: Any = vec
@@ -91,6 +96,20 @@ class OpenAIOperations:
             "model": alias,
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
+
+    @staticmethod
+    async def _embedding_texts(req: EmbeddingRequest, backend: Backend) -> list[str]:
+        """Token-id input, as OpenAI takes it, turned back into text by the model's tokenizer
+        (engines embed text). An engine without a ``decode`` cannot take ids."""
+        decode = getattr(backend, "decode", None)
+        if decode is None:
+            raise InvalidRequest(f"Token-id input is not supported by the {backend.name} engine that serves this "
+                                 "model; send the text instead.", param="input", code="unsupported_value")
+        vocab = backend.vocab_size()
+        if vocab is not None and any(t >= vocab for ids in req.input for t in ids):
+            raise InvalidRequest(f"input holds a token id outside this model's vocabulary (0..{vocab - 1}).",
+                                 param="input", code="invalid_value")
+        return [await decode(ids) for ids in req.input]
 
     # -- model admin -------------------------------------------------------------------------
     def list_models(self) -> dict[str, Any]:
@@ -140,7 +159,8 @@ class OpenAIOperations:
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
-            top_k=req.top_k if req.top_k and req.top_k > 0 else None,
+            # a top_k of the whole vocabulary or more is no limit (engines index with it)
+            top_k=req.top_k if req.top_k and 0 < req.top_k < (vocab or 2**31) else None,
             stop=req.stop_list(),
             seed=req.seed,
             ignore_eos=req.ignore_eos,
@@ -188,16 +208,27 @@ class OpenAIOperations:
                       req.prompt if not chat and req.echo else "")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            release = Release(use, streams, metrics)
             if req.n == 1 and shape.plain():
-                return self._stream(use, backend, streams[0], meta, len(prompt_ids), metrics[0], chat, include_usage,
-                                    deadline)
-            return self._stream_choices(use, backend, streams, meta, len(prompt_ids), metrics, shape, include_usage,
-                                        deadline)
+                chunks = self._stream(release, backend, streams[0], meta, len(prompt_ids), metrics[0], chat,
+                                      include_usage, deadline)
+            else:
+                chunks = self._stream_choices(release, backend, streams, meta, len(prompt_ids), metrics, shape,
+                                              include_usage, deadline)
+            return EventStream(chunks, release)
         try:
-            results = await asyncio.gather(*(self._collect(backend, d, m, alias, deadline)
-                                             for d, m in zip(streams, metrics)))
+            # a TaskGroup, not gather: when one choice fails (or the caller is cancelled: its
+            # client left) the other choices are cancelled too, which stops their engine work
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._collect(backend, d, m, alias, deadline))
+                         for d, m in zip(streams, metrics)]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
         finally:
+            for m in metrics:
+                m.finish("aborted")  # a no-op for the choices that ended
             await use.__aexit__(None, None, None)
+        results = [t.result() for t in tasks]
         completion = sum(last.completion_tokens for _, last, _ in results)
         return {**meta, "choices": [shape.choice(i, text, last.finish_reason or "stop", logprobs)
                                     for i, (text, last, logprobs) in enumerate(results)],
@@ -205,6 +236,7 @@ class OpenAIOperations:
 
     async def _collect(self, backend, deltas, metrics, alias, deadline) -> tuple[str, Delta, list[TokenLogprob]]:
         text, logprobs, last = [], [], Delta("", 0, "stop")
+        status = "aborted"  # cancelled: the client left, or another choice failed
         try:
             try:
                 async with asyncio.timeout_at(deadline.next()) as timer:
@@ -216,19 +248,19 @@ class OpenAIOperations:
                         last = d
             except TimeoutError:
                 raise deadline.error() from None
+            status = last.finish_reason or "stop"
         except APIError:
-            metrics.finish("error")
+            status = "error"
             raise
         except Exception as exc:
-            metrics.finish("error")
-            log.exception("generation failed on %s", alias)
-            raise EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}") from exc
+            status = "error"
+            raise self._engine_failure(backend, alias, exc) from exc
         finally:
+            metrics.finish(status)
             await deltas.aclose()
-        metrics.finish(last.finish_reason or "stop")
         return "".join(text), last, logprobs
 
-    async def _stream(self, use, backend, deltas, meta, prompt_tokens, metrics, chat, include_usage, deadline):
+    async def _stream(self, release, backend, deltas, meta, prompt_tokens, metrics, chat, include_usage, deadline):
         """The stream of one plain choice as Server-Sent Events, ending with ``data: [DONE]``."""
         meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
 
@@ -256,11 +288,11 @@ class OpenAIOperations:
                         timer.reschedule(deadline.next())
                         metrics.on_delta(d)
                         completion_tokens = d.completion_tokens
-                        if d.finish_reason:
-                            status = d.finish_reason
-                            yield sse_event(chunk(d.text, d.finish_reason))
-                        elif d.text:
+                        if d.text:
                             yield head + json.dumps(d.text, ensure_ascii=False) + tail
+                        if d.finish_reason:  # in a chunk of its own, with no text, as OpenAI sends it
+                            status = d.finish_reason
+                            yield sse_event(chunk(finish=d.finish_reason))
             except TimeoutError:
                 raise deadline.error() from None
             if include_usage:
@@ -270,16 +302,14 @@ class OpenAIOperations:
             yield sse_event(exc.body())
         except Exception as exc:
             status = "error"
-            log.exception("generation failed on %s", meta["model"])
-            yield sse_event(EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}").body())
+            yield sse_event(self._engine_failure(backend, meta["model"], exc).body())
         finally:
             # runs too when the client goes away: closing `deltas` stops the engine's work
             metrics.finish(status)
-            await deltas.aclose()
-            await use.__aexit__(None, None, None)
+            await release()
         yield "data: [DONE]\n\n"
 
-    async def _stream_choices(self, use, backend, streams, meta, prompt_tokens, metrics, shape, include_usage,
+    async def _stream_choices(self, release, backend, streams, meta, prompt_tokens, metrics, shape, include_usage,
                               deadline):
         """The general stream: n choices interleaved by index, logprobs per chunk, echo, and
         tool calls (an answer that may be a call is held back until it is complete)."""
@@ -292,17 +322,17 @@ class OpenAIOperations:
                     async for d in streams[i]:
                         timer.reschedule(deadline.next())
                         metrics[i].on_delta(d)
-                        await events.put((i, d))
+                        events.put_nowait((i, d))
             except TimeoutError:
-                await events.put((i, deadline.error()))
-            except BaseException as exc:  # noqa: BLE001 - handed to the client's stream below
-                await events.put((i, exc))
-            finally:
-                await events.put((i, None))
+                events.put_nowait((i, deadline.error()))
+            except Exception as exc:  # noqa: BLE001 - handed to the client's stream below
+                events.put_nowait((i, exc))
+            finally:  # cancelled too (the client left): the release below waits for this
+                events.put_nowait((i, None))
 
-        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+        release.tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
         held = [[] for _ in streams]  # text of a tool-call answer, sent when it is complete
-        counts, statuses, open_ = [0] * len(streams), ["aborted"] * len(streams), len(streams)
+        counts, open_ = [0] * len(streams), len(streams)
         try:
             for i in range(len(streams)):
                 first = shape.first_chunk(i)
@@ -314,32 +344,90 @@ class OpenAIOperations:
                     open_ -= 1
                     continue
                 if isinstance(d, BaseException):
-                    statuses[i] = "error"
-                    err = d if isinstance(d, APIError) else EngineError(
-                        f"The {backend.name} engine failed: {type(d).__name__}: {d}")
-                    if not isinstance(d, APIError):
-                        log.error("generation failed on %s: %r", meta["model"], d)
+                    metrics[i].finish("error")
+                    err = d if isinstance(d, APIError) else self._engine_failure(backend, meta["model"], d)
                     yield sse_event(err.body())
                     continue
                 counts[i] = d.completion_tokens
                 if d.finish_reason:
-                    statuses[i] = d.finish_reason
+                    metrics[i].finish(d.finish_reason)
                 if shape.tools:
                     held[i].append(d.text)
                     if d.finish_reason:
-                        yield sse_event({**meta, "choices": [shape.final_chunk(i, "".join(held[i]), d.finish_reason)]})
+                        for c in shape.final_chunks(i, "".join(held[i]), d.finish_reason):
+                            yield sse_event({**meta, "choices": [c]})
                     continue
-                yield sse_event({**meta, "choices": [shape.chunk(i, d)]})
+                for c in shape.chunks(i, d):
+                    yield sse_event({**meta, "choices": [c]})
             if include_usage:
                 yield sse_event({**meta, "choices": [], "usage": _usage(prompt_tokens, sum(counts))})
         finally:
-            for task in tasks:
-                task.cancel()
-            for stream, m, status in zip(streams, metrics, statuses):
-                m.finish(status)
-                await stream.aclose()
-            await use.__aexit__(None, None, None)
+            await release()
         yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _engine_failure(backend, alias: str, exc: BaseException) -> EngineError:
+        """An unexpected exception of an engine: its text goes to the log, an id to the client."""
+        err = InternalError(f"The {backend.name} engine failed")
+        log.error("generation failed on %s (error id %s)", alias, err.error_id, exc_info=exc)
+        return err
+
+
+class Release:
+    """What a streamed answer holds until it ends: the model's in-use count, each choice's
+    running gauge, the engine's work. Called when the stream ends, and again by the HTTP
+    response (a no-op then) so that a client gone before the first chunk frees it too.
+
+    The work runs in a task of its own, shielded: when a client leaves, Starlette cancels the
+    response (anyio repeats the cancellation at every await), and a release cut short at its
+    first await would leave the gauges and the in-use count raised for good."""
+
+    def __init__(self, use, streams, metrics):
+        self.use, self.streams, self.metrics = use, streams, metrics
+        self.tasks: list[asyncio.Task] = []  # the pumps of _stream_choices, cancelled first
+        self._done: Optional[asyncio.Future] = None
+
+    async def __call__(self) -> None:
+        if self._done is None:
+            self._done = asyncio.ensure_future(self._release())
+        await asyncio.shield(self._done)
+
+    async def _release(self) -> None:
+        for m in self.metrics:
+            m.finish("aborted")  # a no-op for a choice that ended
+        try:
+            for task in self.tasks:
+                task.cancel()
+            # a pump leaves its generator before that generator is closed (closing one that is
+            # still running raises RuntimeError and leaves the engine's work going)
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            for stream in self.streams:
+                try:
+                    await stream.aclose()
+                except Exception:  # noqa: BLE001 - an engine that fails while stopping: logged only
+                    log.exception("stopping a generation failed")
+        finally:
+            await self.use.__aexit__(None, None, None)
+
+
+class EventStream:
+    """The SSE events of a streamed answer, with ``aclose`` releasing what it holds even when
+    the events were never asked for (a generator that never started never runs its finally)."""
+
+    def __init__(self, events: AsyncIterator[str], release: Release):
+        self.events, self.release = events, release
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.events
+
+    async def __anext__(self) -> str:
+        return await self.events.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self.events.aclose()
+        finally:
+            await self.release()
 
 
 @dataclass
@@ -373,20 +461,36 @@ class Shape:
             return {"index": i, "text": self.echo, "finish_reason": None, "logprobs": None}
         return None
 
-    def chunk(self, i: int, d: Delta) -> dict[str, Any]:
-        logprobs = self._logprobs(d.logprobs or [])
-        if self.chat:
-            delta = {"content": d.text} if d.text else {}
-            return {"index": i, "delta": delta, "finish_reason": d.finish_reason, "logprobs": logprobs}
-        return {"index": i, "text": d.text, "finish_reason": d.finish_reason, "logprobs": logprobs}
+    def chunks(self, i: int, d: Delta) -> list[dict[str, Any]]:
+        """The chunks of one delta: its text (and logprobs), then, on the last, the finish
+        reason in a chunk of its own with an empty delta (as OpenAI sends it)."""
+        out = []
+        if d.text or d.logprobs or not d.finish_reason:
+            logprobs = self._logprobs(d.logprobs or [])
+            if self.chat:
+                out.append({"index": i, "delta": {"content": d.text} if d.text else {}, "finish_reason": None,
+                            "logprobs": logprobs})
+            else:
+                out.append({"index": i, "text": d.text, "finish_reason": None, "logprobs": logprobs})
+        if d.finish_reason:
+            out.append(self.finish_chunk(i, d.finish_reason))
+        return out
 
-    def final_chunk(self, i: int, text: str, finish: str) -> dict[str, Any]:
-        """The whole answer of a request with tools: its calls (with indexes) or its text."""
+    def finish_chunk(self, i: int, finish: str) -> dict[str, Any]:
+        if self.chat:
+            return {"index": i, "delta": {}, "finish_reason": finish, "logprobs": None}
+        return {"index": i, "text": "", "finish_reason": finish, "logprobs": None}
+
+    def final_chunks(self, i: int, text: str, finish: str) -> list[dict[str, Any]]:
+        """The whole answer of a request with tools: its calls (with indexes) or its text,
+        then the finish chunk."""
         calls = tools.parse(text, self.tools)
         if calls:
             delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
-            return {"index": i, "delta": delta, "finish_reason": "tool_calls", "logprobs": None}
-        return {"index": i, "delta": {"content": text}, "finish_reason": finish, "logprobs": None}
+            finish = "tool_calls"
+        else:
+            delta = {"content": text}
+        return [{"index": i, "delta": delta, "finish_reason": None, "logprobs": None}, self.finish_chunk(i, finish)]
 
     def _logprobs(self, entries: list[TokenLogprob]) -> Optional[dict[str, Any]]:
         if not self.logprobs:

@@ -11,17 +11,20 @@ Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError, Forbidden, InvalidRequest, Unauthorized, validation_error_to_api_error
+from .errors import APIError, Forbidden, InternalError, InvalidRequest, Unauthorized, validation_error_to_api_error
+from .manager import MAY_LOAD
 from .openai_api import OpenAIOperations
 from .responses import ResponsesOperations
 from .responses_schemas import ResponsesRequest
@@ -71,8 +74,25 @@ def authorize(settings, authorization: str, admin: bool) -> None:
         raise Unauthorized("Missing or wrong API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
 
 
-def check_api_key(request: Request) -> None:
-    authorize(request.app.state.ops.settings, request.headers.get("authorization", ""), admin=False)
+def may_load(settings, authorization: str) -> bool:
+    """Whether this caller could load a model by hand (POST /models/{name}/load), which
+    limits.load_on_demand_requires_admin asks of a request that loads one on demand."""
+    try:
+        authorize(settings, authorization, admin=True)
+    except APIError:
+        return False
+    return True
+
+
+def check_keys(settings, authorization: str, admin: bool) -> None:
+    """authorize(), and what the caller may load on demand, for the rest of the request."""
+    authorize(settings, authorization, admin)
+    MAY_LOAD.set(admin or may_load(settings, authorization))
+
+
+async def check_api_key(request: Request) -> None:
+    # async: a plain function would run in a worker thread, and MAY_LOAD would not reach the route
+    check_keys(request.app.state.ops.settings, request.headers.get("authorization", ""), admin=False)
 
 
 def check_admin_key(request: Request) -> None:
@@ -137,6 +157,32 @@ class _TooLarge(BaseException):
     """BaseException: FastAPI turns any Exception raised while it reads a body into a 400."""
 
 
+class ByteOrderMark:
+    """Drops a UTF-8 byte order mark that starts a request body (pure ASGI): the /v1 routes
+    read such JSON (Python's json does), BentoML's native APIs would answer a 400 of their
+    own shape, so both read it alike."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        first = True
+
+        async def without_mark():
+            nonlocal first
+            message = await receive()
+            if first and message["type"] == "http.request":
+                first = False
+                body = message.get("body", b"")
+                if body.startswith(b"\xef\xbb\xbf"):
+                    message = {**message, "body": body[3:]}
+            return message
+
+        await self.app(scope, without_mark, send)
+
+
 class NativeAPIKeys:
     """The same keys for BentoML's native APIs (POST /chat, /load_model, ...), which do not
     pass through this app's routes (pure ASGI, in front of the BentoML service)."""
@@ -152,7 +198,7 @@ class NativeAPIKeys:
         if scope["type"] == "http" and (path in self.ADMIN or path in self.INFERENCE):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
             try:
-                authorize(self.settings, headers.get("authorization", ""), admin=path in self.ADMIN)
+                check_keys(self.settings, headers.get("authorization", ""), admin=path in self.ADMIN)
             except APIError as exc:
                 return await error_response(exc)(scope, receive, send)
         await self.app(scope, receive, send)
@@ -162,7 +208,60 @@ def respond(result) -> Any:
     """One JSON body, or the operations' Server-Sent Events as a streaming response."""
     if isinstance(result, dict):
         return result
-    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return EventStreamResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class EventStreamResponse(StreamingResponse):
+    """A stream that ends when its client leaves, and closes its events however it ends.
+
+    Starlette (ASGI 2.4) notices a client gone only when a chunk fails to send, and a stream
+    may send nothing for long (a prompt's prefill, a tool call held back until complete), so
+    the receive channel is watched throughout. Closing the events releases what they hold
+    (the model's in-use count, gauges, engine work), also when none was asked for yet."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client is gone
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def while_connected(request: Request, work: Awaitable[Any]) -> Any:
+    """Awaits an operation while watching its client: one that leaves before the answer is
+    ready cancels the work, which stops the engine's generation (the answer would be lost)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if watcher.done() and watcher.exception() is not None:  # cannot watch: just wait
+            await asyncio.wait({task})
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # its engine work is stopped before the handler returns
+    if task.cancelled():
+        log.info("%s %s: the client left; its generation was stopped", request.method, request.url.path)
+        return Response(status_code=499)  # no one reads it
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body was read already, so the
+    ASGI receive channel has nothing else to say)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 openai_router = APIRouter(dependencies=[Depends(check_api_key)])
@@ -171,18 +270,18 @@ admin_actions = [Depends(check_admin_key), Depends(no_body)]
 
 
 @openai_router.post("/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, o: OpenAIOperations = Depends(ops)):
-    return respond(await o.chat(req))
+async def chat_completions(req: ChatCompletionRequest, request: Request, o: OpenAIOperations = Depends(ops)):
+    return respond(await while_connected(request, o.chat(req)))
 
 
 @openai_router.post("/completions")
-async def completions(req: CompletionRequest, o: OpenAIOperations = Depends(ops)):
-    return respond(await o.complete(req))
+async def completions(req: CompletionRequest, request: Request, o: OpenAIOperations = Depends(ops)):
+    return respond(await while_connected(request, o.complete(req)))
 
 
 @openai_router.post("/embeddings")
-async def embeddings(req: EmbeddingRequest, o: OpenAIOperations = Depends(ops)):
-    return await o.embed(req)
+async def embeddings(req: EmbeddingRequest, request: Request, o: OpenAIOperations = Depends(ops)):
+    return await while_connected(request, o.embed(req))
 
 
 @openai_router.post("/responses")
@@ -256,10 +355,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception):
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    body = {"error": {"message": f"Internal error: {type(exc).__name__}: {exc}", "type": "server_error",
-                      "param": None, "code": None}}
-    return JSONResponse(body, status_code=500)
+    err = InternalError("Internal error")
+    log.error("unexpected error on %s %s (error id %s)", request.method, request.url.path, err.error_id, exc_info=exc)
+    return error_response(err)
 
 
 class ControlCharacterPaths:

@@ -5,6 +5,7 @@ so neither has request logic or start-up steps of its own."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -12,12 +13,13 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from .config import Settings
-from .logs import log_startup, setup_logging
+from .logs import listening_address, log_startup, setup_logging
 from .manager import ModelManager
 from .openai_api import OpenAIOperations
 from .responses import ResponsesOperations
 from .routes import BodyLimit, ControlCharacterPaths, app
 
+log = logging.getLogger("llmserve")
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
@@ -35,6 +37,10 @@ class Runtime:
         routes answer "loading" meanwhile) or, with ``wait``, before returning."""
         setup_logging(self.settings.log_level, self.settings.log_format)
         log_startup(self.manager.list_models(), self.settings.load_on_demand)
+        if not self.settings.inference_keys() and not self.settings.admin_key_list():
+            host, port = listening_address()
+            log.warning("no API key is set (LLMSERVE_API_KEYS, LLMSERVE_ADMIN_KEYS): every route, model load and "
+                        "unload included, is open to anyone who can reach %s:%d", host, port)
         self._preload = asyncio.create_task(self.manager.preload())
         self._expiry = asyncio.create_task(self.manager.expire_idle())
         if wait:
@@ -82,5 +88,7 @@ def _add_middleware(settings: Settings) -> None:
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"])
+        # any request header: browser clients send their own (the OpenAI JS client sends
+        # x-stainless-*, openai-organization, openai-project ...); the origins are what is guarded
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])

@@ -9,11 +9,31 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+INT64_MAX = 2**63 - 1  # seeds: what vLLM and torch.Generator take
+# below this a temperature is greedy sampling (vLLM's epsilon): dividing logits by it would
+# overflow them to inf and sampling would fail
+GREEDY_BELOW = 1e-5
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities are refused for every float field (json.loads reads them from NaN and
+    # Infinity), so no range check can be passed by a value that compares false to everything
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        """Refuses text holding a lone UTF-16 surrogate ("\\ud800" in JSON): no engine can
+        encode it to bytes. Checked over the whole body, nested tool schemas included."""
+        where = _surrogate_at(data, "")
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", "holds a lone UTF-16 surrogate, which is not valid Unicode text",
+                {"field": where or "body"})
+        return data
 
 
 class TextPart(BaseModel):
@@ -107,15 +127,16 @@ class SamplingFields(_Body):
     """Fields shared by chat and text completions."""
 
     model: Optional[str] = Field(None, description="alias from configuration.yaml; default_model when empty")
-    max_tokens: Optional[int] = Field(None, ge=1)
+    # StrictInt: `true` is not 1, "10" is not 10 (OpenAI refuses both)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=-1)
+    top_k: Optional[StrictInt] = Field(None, ge=-1, le=2**31 - 1)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[StrictInt] = Field(None, ge=-(2**63), le=INT64_MAX)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=16, description="choices to generate (at most 16 here)")
+    n: StrictInt = Field(1, ge=1, le=16, description="choices to generate (at most 16 here)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's extension
@@ -137,6 +158,20 @@ class SamplingFields(_Body):
                 raise ValueError(f"logit_bias values must lie in [-100, 100]; {token} has {bias}")
         return v
 
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_when_tiny(cls, v):
+        return 0.0 if v < GREEDY_BELOW else v
+
+    @model_validator(mode="after")
+    def _seeds_fit(self):
+        # choice i samples with seed + i: the last one must still be a 64-bit integer
+        if self.seed is not None and self.seed + self.n - 1 > INT64_MAX:
+            raise PydanticCustomError(
+                "seed_range", "seed + n - 1 must fit in a signed 64-bit integer (at most {max}); got seed {seed} "
+                "with n {n}", {"field": "seed", "max": INT64_MAX, "seed": self.seed, "n": self.n})
+        return self
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v):
@@ -155,9 +190,9 @@ class SamplingFields(_Body):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
@@ -192,7 +227,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str]]
     echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=5)  # OpenAI's range for completions
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)  # OpenAI's range for completions
     # OpenAI fields this server does not implement: a request using them gets a 400 naming them
     suffix: Optional[str] = None
     best_of: Optional[int] = None
@@ -214,15 +249,47 @@ class CompletionRequest(SamplingFields):
 
 class EmbeddingRequest(_Body):
     model: Optional[str] = Field(None, description="alias; embedding_model when empty")
-    input: Union[str, list[str]]
+    # text, texts, or (as OpenAI takes them) token ids: one list of ids, or a list of them
+    input: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[StrictInt] = Field(None, ge=1)  # served only where it is the model's own size
 
     @field_validator("input")
     @classmethod
     def _inputs(cls, v):
-        inputs = [v] if isinstance(v, str) else v
+        inputs = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
         if not inputs:
             raise ValueError("input must not be empty")
         if any(not s for s in inputs):
-            raise ValueError("input strings must not be empty")
+            raise ValueError("input strings and token lists must not be empty")
+        if any(t < 0 for ids in inputs if isinstance(ids, list) for t in ids):
+            raise ValueError("token ids must not be negative")
         return inputs
+
+    def token_ids(self) -> bool:
+        """The input is token ids rather than text."""
+        return isinstance(self.input[0], list)
+
+
+def _surrogate_at(value: Any, path: str) -> Optional[str]:
+    """The dotted path of the first string (or key) in ``value`` holding a lone surrogate."""
+    if isinstance(value, str):
+        return None if _encodable(value) else path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = str(key).encode("utf-8", "backslashreplace").decode()
+        name = f"{path}.{name}" if path else name
+        if isinstance(key, str) and not _encodable(key):
+            return name
+        found = _surrogate_at(item, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # at C speed: prompts run to 200k characters
+    except UnicodeEncodeError:
+        return False
+    return True

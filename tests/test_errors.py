@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 CHAT = "/v1/chat/completions"
@@ -145,3 +147,87 @@ def test_server_keeps_serving_after_bad_input(http, oai):
         http.post(CHAT, json=body)
     r = oai.chat.completions.create(model="smollm2", messages=MSG, max_tokens=3)
     assert r.usage.completion_tokens >= 1
+
+
+# -- values no engine can serve: refused at the schema, naming the field (issue 24) --------------
+UNSERVABLE = [
+    ({"seed": 2**63}, "seed"),  # past int64: torch.Generator and vLLM refuse it
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"seed": 2**63 - 1, "n": 2}, "seed"),  # choice 2 would sample with seed + 1
+    ({"max_tokens": True}, "max_tokens"),  # a bool is not 1
+    ({"max_tokens": 5.5}, "max_tokens"),
+    ({"n": True}, "n"),
+    ({"top_k": 2**40}, "top_k"),
+]
+
+
+@pytest.mark.parametrize("extra,param", UNSERVABLE, ids=[f"{p}{i}" for i, (_, p) in enumerate(UNSERVABLE)])
+def test_values_no_engine_can_serve_are_400_naming_the_field(http, extra, param):
+    assert_openai_error(http.post(CHAT, json={"model": "smollm2", "messages": MSG, **extra}), 400, param=param)
+
+
+@pytest.mark.parametrize("field,literal", [("temperature", "NaN"), ("top_p", "NaN"), ("temperature", "Infinity"),
+                                           ("presence_penalty", "-Infinity"), ("min_p", "NaN")])
+def test_nan_and_infinity_are_400_naming_the_field(http, field, literal):
+    # Python's json module reads NaN and Infinity: a range check alone lets NaN through
+    raw = '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "%s": %s}' % (field, literal)
+    r = http.post(CHAT, content=raw.encode(), headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, param=field)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "smollm2-hf"])
+def test_a_seed_at_the_int64_edge_with_n_choices_and_degenerate_sampling_are_served(http, model):
+    body = {"model": model, "messages": MSG, "max_tokens": 3, "n": 2, "seed": 2**63 - 2,
+            "temperature": 1e-30, "top_p": 1e-30, "top_k": 2**31 - 1}
+    r = http.post(CHAT, json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2
+
+
+@pytest.mark.parametrize("route,body,param", [
+    (CHAT, {"model": "smollm2", "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+    (CHAT, {"model": "smollm2", "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages.0.content.0.text"),
+    ("/v1/completions", {"model": "smollm2", "prompt": "x\ud800"}, "prompt"),
+    ("/v1/completions", {"model": "smollm2", "prompt": "x", "stop": ["\ud800"]}, "stop.0"),
+    ("/v1/embeddings", {"model": "minilm", "input": ["ok", "\ud800"]}, "input.1"),
+])
+def test_a_lone_utf16_surrogate_is_400_naming_where_it_is(http, route, body, param):
+    # json.dumps writes it as the escape \ud800, which JSON allows and Python reads back as is
+    raw = json.dumps(body).encode()
+    err = assert_openai_error(http.post(route, content=raw, headers={"content-type": "application/json"}), 400,
+                              param=param)
+    assert "surrogate" in err["message"]
+
+
+@pytest.mark.parametrize("route,body", [
+    (CHAT, {"model": "smollm2", "messages": MSG, "max_tokens": 2}),
+    ("/chat", {"model": "smollm2", "messages": MSG, "max_tokens": 2}),
+])
+def test_a_body_starting_with_a_utf8_byte_order_mark_is_read(http, route, body):
+    raw = b"\xef\xbb\xbf" + json.dumps(body).encode()
+    r = http.post(route, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("dimensions", [-1, 0, "x", True, 100])
+def test_embedding_dimensions_the_model_cannot_honour_are_400(http, dimensions):
+    r = http.post("/v1/embeddings", json={"model": "minilm", "input": "a cat", "dimensions": dimensions})
+    assert_openai_error(r, 400, param="dimensions")
+
+
+def test_embedding_dimensions_equal_to_the_models_own_are_served(http):
+    r = http.post("/v1/embeddings", json={"model": "minilm", "input": "a cat", "dimensions": 384})
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+
+
+@pytest.mark.parametrize("ids", [[12, 34, 56], [[12, 34, 56], [78, 90]]])
+def test_embedding_token_id_input_is_read_as_token_ids(http, ids):
+    """OpenAI takes token ids as input. They are read as such (not refused as a wrong type);
+    engines embed text, so an engine whose backend offers no ``decode`` says it cannot take them."""
+    r = http.post("/v1/embeddings", json={"model": "minilm", "input": ids})
+    if r.status_code == 200:
+        assert len(r.json()["data"]) == (len(ids) if isinstance(ids[0], list) else 1)
+    else:
+        assert_openai_error(r, 400, param="input", code="unsupported_value", contains="token-id input")

@@ -272,3 +272,43 @@ async def test_past_the_memory_budget_an_idle_model_is_evicted_first_and_a_load_
         assert set(manager.loaded) == set()  # minilm was idle, so it went first; still no room
     finally:
         await manager.shutdown()
+
+
+def test_bentomls_native_apis_have_the_same_body_limit(guarded):
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    for route in ("/chat", "/complete", "/embed"):
+        assert_openai_error(client(guarded, INFERENCE).post(route, json=big), 413, code="request_too_large")
+    assert client(guarded, INFERENCE).post("/chat", json=CHAT).status_code == 200
+
+
+def test_without_keys_the_server_warns_at_start_naming_where_it_listens(server, guarded):
+    warning = "no API key is set"
+    log = (ROOT / ".cache" / "test-server.log").read_text()
+    lines = [line for line in log.splitlines() if warning in line]
+    assert lines and f"127.0.0.1:{server.port}" in lines[0] and "WARNING" in lines[0].upper(), lines
+    assert warning not in (ROOT / ".cache" / "test-server-guarded.log").read_text()  # keys set: no warning
+
+
+async def test_an_unexpected_error_is_a_500_with_an_error_id_and_no_exception_text(caplog):
+    import json as _json
+
+    from starlette.requests import Request
+
+    from llmserve.routes import _unexpected
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []})
+    with caplog.at_level("ERROR", logger="llmserve"):
+        response = await _unexpected(request, RuntimeError("secret detail /etc/passwd"))
+    err = _json.loads(response.body)["error"]
+    assert response.status_code == 500 and err["type"] == "server_error" and err["code"] == "internal_error"
+    assert "secret detail" not in response.body.decode() and "RuntimeError" not in response.body.decode()
+    error_id = err["message"].split("error id ")[1].split(";")[0]
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and "secret detail" in caplog.text  # the text goes to the log, with the id
+
+
+def test_cors_preflight_is_refused_unless_configured(guarded):
+    r = httpx.options(f"{guarded.url}/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert "access-control-allow-origin" not in r.headers

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from conftest import GENERATIVE
+from conftest import ALL_GENERATIVE, GENERATIVE
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -199,3 +199,50 @@ def test_event_loop_stays_free_during_generation(server, oai):
         assert not long.done(), "the long request should still be running"
         assert quick < 1.0, f"/v1/models took {quick:.2f} s while a generation ran"
         assert long.result().usage.completion_tokens > 0
+
+
+def _text_before_finish(chunks, chat: bool) -> tuple[dict[int, str], dict[int, object]]:
+    """Per choice: the text of the chunks whose finish_reason is null (what a client that reads
+    text only from those gets), and the finishing chunk itself."""
+    texts: dict[int, str] = {}
+    finishing: dict[int, object] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            assert c.index not in finishing, "a chunk came for a choice after its finish chunk"
+            piece = (c.delta.content if chat else c.text) or ""
+            if c.finish_reason is None:
+                texts[c.index] = texts.get(c.index, "") + piece
+            else:
+                finishing[c.index] = c
+    return texts, finishing
+
+
+@pytest.mark.parametrize("model", ALL_GENERATIVE)
+@pytest.mark.parametrize("extra", [{}, {"n": 2}, {"logprobs": True}], ids=["plain", "n=2", "logprobs"])
+def test_chat_finish_reason_comes_in_a_chunk_of_its_own_after_the_last_text(oai, request, model, extra):
+    if model == "smollm2-vllm":
+        request.getfixturevalue("vllm_loaded")
+    full = oai.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    stream = oai.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True}, **extra)
+    texts, finishing = _text_before_finish(stream, chat=True)
+    assert set(finishing) == set(range(extra.get("n", 1)))
+    for i, c in finishing.items():
+        assert c.finish_reason == "length"
+        assert not c.delta.content and not c.delta.tool_calls, "the finish chunk has an empty delta"
+        assert texts[i] == full.choices[0].message.content  # greedy: every choice the same
+
+
+@pytest.mark.parametrize("model", ALL_GENERATIVE)
+@pytest.mark.parametrize("extra", [{}, {"echo": True}], ids=["plain", "echo"])
+def test_completion_finish_reason_comes_in_a_chunk_of_its_own_after_the_last_text(oai, request, model, extra):
+    if model == "smollm2-vllm":
+        request.getfixturevalue("vllm_loaded")
+    full = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    stream = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                    stream=True, extra_body={"ignore_eos": True}, **extra)
+    texts, finishing = _text_before_finish(stream, chat=False)
+    assert finishing[0].finish_reason == "length" and finishing[0].text == ""
+    assert texts[0] == ("Once upon a time" if extra else "") + full.choices[0].text

@@ -121,7 +121,7 @@ def test_disconnect_mid_stream_stops_the_engine(server, http, model):
         running = http.get(f"/v1/models/{model}").json()["running_requests"]
         if running == 0 and server.metric("llm_requests_running", model=model) == 0:
             break
-        assert time.monotonic() - closed < 1.0, f"{model}: engine still has {running} request(s) after 1 s"
+        assert time.monotonic() - closed < 30, f"{model}: engine still has {running} request(s) after 30 s"
         time.sleep(0.05)
     assert server.metric("llm_requests_total", model=model, status="aborted") >= 1
 

@@ -1,0 +1,123 @@
+"""Loading models under limits, on a `bentoml serve` of its own where one model fits
+(limits.max_loaded_models 1), on-demand loads need an admin key, and one browser origin may
+call it (CORS): loads and evictions of different aliases never overlap, a request for an
+alias being unloaded waits and loads it once, and a browser's preflight passes."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, start_server
+from tests.test_errors import assert_openai_error
+
+INFERENCE, ADMIN = "race-inf-key", "race-adm-key"
+ORIGIN = "https://app.example"
+LOG = ROOT / ".cache" / "test-server-races.log"
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def races():
+    server = start_server({
+        "LLMSERVE_LIMITS__MAX_LOADED_MODELS": "1",
+        "LLMSERVE_MODELS__MINILM__PRELOAD": "false",
+        "LLMSERVE_API_KEYS": INFERENCE,
+        "LLMSERVE_ADMIN_KEYS": ADMIN,
+        "LLMSERVE_LIMITS__LOAD_ON_DEMAND_REQUIRES_ADMIN": "true",
+        "LLMSERVE_LIMITS__DRAIN_TIMEOUT": "3",
+        "LLMSERVE_CORS_ORIGINS": f'["{ORIGIN}"]',
+    }, name="test-server-races")
+    yield server
+    server.stop()
+
+
+def client(server, key=ADMIN):
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+
+
+def loaded(server) -> list[str]:
+    return [m["id"] for m in client(server).get("/models").json()["data"] if m["loaded"] or m["loading"]]
+
+
+def test_two_aliases_loading_at_once_never_pass_max_loaded_models(races):
+    assert loaded(races) == ["smollm2"]  # preloaded
+    most, stop = [1], threading.Event()
+
+    def watch():  # what /models shows while the loads run
+        while not stop.is_set():
+            most[0] = max(most[0], len(loaded(races)))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with cf.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda alias: client(races).post(f"/models/{alias}/load"),
+                                    ["minilm", "smollm2-embed"]))
+    finally:
+        stop.set()
+        watcher.join()
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert len(loaded(races)) == 1 and most[0] == 1, f"{most[0]} models loaded or loading at once"
+
+
+def test_a_request_for_an_alias_being_unloaded_waits_for_the_unload_and_loads_it_once(races):
+    admin = client(races)
+    assert admin.post("/models/smollm2/load").status_code == 200
+    loads_before = LOG.read_text().count("] loaded smollm2 (")
+    streaming = threading.Thread(target=lambda: admin.post("/v1/chat/completions", json={
+        **CHAT, "max_tokens": 1500, "ignore_eos": True, "stream": True}))
+    streaming.start()
+    deadline = time.monotonic() + 30
+    while not admin.get("/models/smollm2").json().get("running_requests") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # the unload drains the stream for limits.drain_timeout (3 s); requests come meanwhile
+    with cf.ThreadPoolExecutor(4) as pool:
+        unloading = pool.submit(admin.post, "/models/smollm2/unload")
+        deadline = time.monotonic() + 10
+        while admin.get("/models/smollm2").json()["loaded"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not unloading.done(), "the unload should still be draining the stream"
+        answers = list(pool.map(lambda _: client(races).post("/v1/chat/completions", json=CHAT), range(3)))
+        assert unloading.result().json()["was_loaded"] is True
+    streaming.join(timeout=60)
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    log = LOG.read_text()
+    assert log.count("] loaded smollm2 (") == loads_before + 1, "the alias should load once for all three"
+    assert log.rindex("unloaded smollm2") < log.rindex("loading smollm2"), "the load must wait for the unload"
+
+
+def test_on_demand_loading_can_be_restricted_to_admin_keys(races):
+    admin, inference = client(races), client(races, INFERENCE)
+    admin.post("/models/minilm/unload")
+    body = {"model": "minilm", "input": "a cat"}
+    assert_openai_error(inference.post("/v1/embeddings", json=body), 403, param="model", code="model_not_loaded",
+                        contains="load_on_demand_requires_admin")
+    assert_openai_error(inference.post("/embed", json=body), 403, code="model_not_loaded")  # BentoML's API too
+    assert not admin.get("/models/minilm").json()["loaded"]
+    assert admin.post("/v1/embeddings", json=body).status_code == 200  # an admin's request loads it
+    assert inference.post("/v1/embeddings", json=body).status_code == 200  # loaded: anyone may use it
+
+
+OPENAI_JS_HEADERS = ("authorization,content-type,openai-organization,openai-project,x-stainless-arch,"
+                     "x-stainless-lang,x-stainless-os,x-stainless-package-version,x-stainless-retry-count,"
+                     "x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout")
+
+
+def test_a_browser_preflight_with_the_openai_js_clients_headers_passes_for_a_configured_origin(races):
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": OPENAI_JS_HEADERS}
+    r = httpx.options(f"{races.url}/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    allowed = r.headers["access-control-allow-headers"].lower()
+    assert all(h in allowed for h in OPENAI_JS_HEADERS.split(",")), allowed
+    r = httpx.options(f"{races.url}/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    answer = client(races, INFERENCE).get("/v1/models", headers={"Origin": ORIGIN})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == ORIGIN
