@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from llmserve.config import ModelConfig
+from .grammar import CallGrammar
 
 CHAT, COMPLETION, EMBEDDINGS = "chat", "completion", "embeddings"
 
@@ -32,6 +33,7 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     json_schema: Optional[dict] = None  # the output is constrained to JSON valid under this schema
+    tool_grammar: Optional[CallGrammar] = None  # or to tool calls in the model's format (tool_choice)
 
     def features(self) -> set[str]:
         """The request fields these parameters use beyond plain sampling (see Backend.features)."""
@@ -43,6 +45,7 @@ class SamplingParams:
             "min_p": self.min_p > 0,
             "logit_bias": bool(self.logit_bias),
             "response_format": self.json_schema is not None,
+            "tool_choice": self.tool_grammar is not None,
         }
         return {name for name, on in used.items() if on}
 
@@ -126,8 +129,14 @@ class Backend(abc.ABC):
 
     # -- prompts ----------------------------------------------------------------------
     @abc.abstractmethod
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the conversation rendered by the model's own chat template."""
+    async def encode_chat(self, messages: list[dict], tools: Optional[list[dict]] = None,
+                          template: Optional[str] = None) -> list[int]:
+        """Token ids of the conversation rendered by the chat template (``template``, else the
+        model's own) with ``tools=`` (OpenAI's tool objects) where given."""
+
+    def chat_template(self) -> Optional[str]:
+        """The model's own chat template (its text), None when it has none."""
+        return None
 
     @abc.abstractmethod
     async def encode_text(self, text: str) -> list[int]:
@@ -153,10 +162,12 @@ def template_error(exc: Exception):
     return InvalidRequest(f"The model's chat template rejected these messages: {exc}", param="messages")
 
 
-def hf_chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def hf_chat_ids(tokenizer, messages: list[dict], tools: Optional[list[dict]] = None,
+                template: Optional[str] = None) -> list[int]:
     """Token ids of a conversation through a Hugging Face tokenizer's chat template."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
+                                             add_generation_prompt=True, tokenize=False)
     except Exception as exc:
         raise template_error(exc) from exc
     # the template already wrote any special tokens (BOS) the model wants

@@ -38,6 +38,7 @@ from .base import (
     release_memory,
     top_logprobs,
 )
+from .grammar import structural_tag
 from llmserve.errors import EngineNotInstalled, InvalidRequest
 
 
@@ -54,7 +55,7 @@ class TransformersBackend(Backend):
     name = "transformers"
     # per row in BatchLoop._sample; JSON schemas through xgrammar's matcher and token mask
     features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                          "logit_bias", "response_format"})
+                          "logit_bias", "response_format", "tool_choice"})
 
     model = None
     tokenizer = None
@@ -139,14 +140,21 @@ class TransformersBackend(Backend):
     def context_length(self) -> int:
         return self._ctx
 
-    async def encode_chat(self, messages):
-        return await self._thread.call(hf_chat_ids, self.tokenizer, messages)
+    async def encode_chat(self, messages, tools=None, template=None):
+        return await self._thread.call(hf_chat_ids, self.tokenizer, messages, tools, template)
+
+    def chat_template(self):
+        return getattr(self.tokenizer, "chat_template", None)
 
     async def encode_text(self, text):
         return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        grammar = self._json_grammar(params.json_schema) if params.json_schema is not None else None
+        grammar = None
+        if params.tool_grammar is not None:
+            grammar = self._compiler().compile_structural_tag(structural_tag(params.tool_grammar))
+        elif params.json_schema is not None:
+            grammar = self._json_grammar(params.json_schema)
         return self.batcher.stream(prompt_ids, params, grammar)
 
     def vocab_size(self) -> int:
@@ -156,15 +164,18 @@ class TransformersBackend(Backend):
         """xgrammar's compiled grammar for JSON under ``schema`` (each request gets a matcher)."""
         import json
 
+        try:
+            return self._compiler().compile_json_schema(json.dumps(schema))
+        except Exception as exc:
+            raise InvalidRequest(f"Cannot constrain output to this JSON schema: {exc}", param="response_format") from exc
+
+    def _compiler(self):
         import xgrammar
 
         if self._grammar_compiler is None:
             info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size())
             self._grammar_compiler = xgrammar.GrammarCompiler(info)
-        try:
-            return self._grammar_compiler.compile_json_schema(json.dumps(schema))
-        except Exception as exc:
-            raise InvalidRequest(f"Cannot constrain output to this JSON schema: {exc}", param="response_format") from exc
+        return self._grammar_compiler
 
     async def embed(self, inputs: list[str]) -> Embeddings:
         return await self._embedder.embed(inputs)

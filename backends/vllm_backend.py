@@ -19,6 +19,7 @@ from typing import AsyncIterator
 from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, TokenLogprob, hf_chat_ids, release_memory
 from llmserve.config import VllmArgs
 from .convert import gguf_to_hf_dir
+from .grammar import structural_tag
 from llmserve.errors import EngineNotInstalled, InvalidRequest
 
 log = logging.getLogger("llmserve")
@@ -55,7 +56,7 @@ class VllmBackend(Backend):
     name = "vllm"
     # vLLM's own sampling parameters and structured outputs
     features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                          "logit_bias", "response_format"})
+                          "logit_bias", "response_format", "tool_choice"})
 
     engine = None
 
@@ -132,8 +133,11 @@ class VllmBackend(Backend):
         count = getattr(self.engine, "get_num_unfinished_requests", None)
         return count() if count else self.engine.output_processor.get_num_unfinished_requests()
 
-    async def encode_chat(self, messages):
-        return hf_chat_ids(self.tokenizer, messages)
+    async def encode_chat(self, messages, tools=None, template=None):
+        return hf_chat_ids(self.tokenizer, messages, tools, template)
+
+    def chat_template(self):
+        return getattr(self.tokenizer, "chat_template", None)
 
     async def encode_text(self, text):
         return self.tokenizer(text)["input_ids"]
@@ -162,8 +166,6 @@ class VllmBackend(Backend):
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        from vllm.sampling_params import StructuredOutputsParams
-
         sp = VSamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -178,7 +180,7 @@ class VllmBackend(Backend):
             repetition_penalty=params.repetition_penalty,
             logit_bias=params.logit_bias or None,
             logprobs=params.logprobs,
-            structured_outputs=None if params.json_schema is None else StructuredOutputsParams(json=params.json_schema),
+            structured_outputs=_structured(params),
             output_kind=RequestOutputKind.DELTA,
         )
         request_id = uuid.uuid4().hex
@@ -196,3 +198,11 @@ class VllmBackend(Backend):
         finally:
             if not finished:  # client gone or stop found by us: free the engine at once
                 await self.engine.abort(request_id)
+
+
+def _structured(params: SamplingParams):
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if params.tool_grammar is not None:
+        return StructuredOutputsParams(structural_tag=structural_tag(params.tool_grammar))
+    return None if params.json_schema is None else StructuredOutputsParams(json=params.json_schema)
