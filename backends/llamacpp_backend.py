@@ -167,7 +167,11 @@ class LlamaCppBackend(Backend):
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         grammar = None
         if params.tool_grammar is not None:
-            grammar = gbnf(params.tool_grammar)
+            try:
+                grammar = gbnf(params.tool_grammar)
+            except Exception as exc:
+                raise InvalidRequest(f"llama.cpp cannot constrain output to these tools' schemas: {exc}",
+                                     param="tools") from exc
         elif params.json_schema is not None:
             grammar = json_grammar(params.json_schema)
         return self.scheduler.stream(prompt_ids, params, grammar)

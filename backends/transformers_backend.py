@@ -152,7 +152,10 @@ class TransformersBackend(Backend):
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         grammar = None
         if params.tool_grammar is not None:
-            grammar = self._compiler().compile_structural_tag(structural_tag(params.tool_grammar))
+            try:
+                grammar = self._compiler().compile_structural_tag(structural_tag(params.tool_grammar))
+            except Exception as exc:
+                raise InvalidRequest(f"Cannot constrain output to these tools' schemas: {exc}", param="tools") from exc
         elif params.json_schema is not None:
             grammar = self._json_grammar(params.json_schema)
         return self.batcher.stream(prompt_ids, params, grammar)

@@ -17,17 +17,9 @@ from llmserve.schemas import ChatCompletionRequest
 from llmserve.tools import ChatTools, template_text
 from llmserve.tools.formats import FORMATS, detect
 from llmserve.tools.parser import Arguments, CallParser, CallStart, Content, parse_whole
+from tests.test_api_features import WEATHER  # get_weather(city), city at most 20 characters
 from tests.test_errors import assert_openai_error
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                       "required": ["city"], "additionalProperties": False},
-    },
-}
 TIME = {"type": "function", "function": {"name": "get_time", "description": "The current time in a city",
                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 CALL_ARGS = '{"city": "Par\\"is {x}", "n": [1, 2]}'
@@ -146,6 +138,19 @@ def test_the_call_format_is_detected_from_the_chat_template():
     assert detect(template_text("llmserve/tools/templates/llama3_json.jinja")).name == "llama3_json"
     assert detect("{{ messages }}").name == "json"  # a template that knows no tools (SmolLM2's own)
     assert detect("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]").name == "mistral"
+
+
+def test_an_alias_chat_template_file_that_does_not_exist_or_an_unknown_parser_is_refused():
+    from pydantic import ValidationError
+
+    from llmserve.config import ModelConfig
+
+    with pytest.raises(ValidationError, match="chat_template: no file 'nope.jinja'"):
+        ModelConfig(source="x.gguf", chat_template="nope.jinja")
+    with pytest.raises(ValidationError, match="tool_parser"):
+        ModelConfig(source="x.gguf", tool_parser="pythonic")
+    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert template_text(ModelConfig(source="x.gguf", chat_template=inline).chat_template) == inline
 
 
 # -- rendering through a real template (llama.cpp's renderer on the shipped GGUF) ---------------

@@ -49,8 +49,9 @@ def check_tools(req: ChatCompletionRequest) -> None:
             jsonschema.validators.validator_for(params).check_schema(params)
             if params.get("type", "object") != "object":
                 raise jsonschema.SchemaError("the parameters of a function must be an object schema")
-        except jsonschema.SchemaError as exc:
-            raise InvalidRequest(f"tools.{i}.function.parameters is not a valid JSON schema: {exc.message}",
+        except Exception as exc:  # SchemaError, or a $schema the library cannot even look up
+            why = exc.message if isinstance(exc, jsonschema.SchemaError) else f"{type(exc).__name__}: {exc}"
+            raise InvalidRequest(f"tools.{i}.function.parameters is not a valid JSON schema: {why}",
                                  param=f"tools.{i}.function.parameters") from None
 
 

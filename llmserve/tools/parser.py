@@ -216,20 +216,17 @@ class CallParser:
             self._value_char(call, ch)
             return
         if state == _IN_KEY:
-            if self._esc:
-                self._esc = False
-            elif ch == "\\":
-                self._esc = True
-            elif ch == '"':
+            self._string_char(ch)
+            if self._in_str:
+                call.key += ch
+            else:
                 self._state = _COLON
-                return
-            call.key += ch
             return
         if ch in WS:
             return
         if state in (_KEY, _AFTER_VALUE):
             if ch == '"' and state == _KEY:
-                call.key, self._state = "", _IN_KEY
+                call.key, self._state, self._in_str = "", _IN_KEY, True
             elif ch == ",":
                 self._state = _KEY
             elif ch == "}":
