@@ -353,7 +353,7 @@ class Shape:
     echo: str = ""
 
     def plain(self) -> bool:
-        return self.parser() is None and not self.logprobs and not self.echo
+        return not (self.calls and self.calls.tools) and not self.logprobs and not self.echo
 
     def parser(self) -> Optional[tools.CallParser]:
         return self.calls.parser() if self.calls else None

@@ -29,7 +29,7 @@ class ToolFormat:
     args_key = "arguments"
     # the grammar's text around the calls: begin call (separator call)* end
     begin, separator, end = "", "", ""
-    native = True  # the chat template renders the tools itself (tools=)
+    parallel = True  # the grammar may allow several calls
 
     # -- rendering ------------------------------------------------------------------------
     def render(self, req: ChatCompletionRequest, tools: list[Tool]) -> tuple[list[dict], Optional[list[dict]]]:
@@ -70,7 +70,8 @@ class ToolFormat:
         else:
             return None
         return CallGrammar(self.begin, tuple(self.call_schema(t) for t in chosen), self.separator, self.end,
-                           repeat=req.parallel_tool_calls and not isinstance(req.tool_choice, NamedToolChoice))
+                           repeat=self.parallel and req.parallel_tool_calls
+                           and not isinstance(req.tool_choice, NamedToolChoice))
 
 
 class Hermes(ToolFormat):
@@ -95,7 +96,7 @@ class Mistral(ToolFormat):
 
 class GenericJson(ToolFormat):
     name = "json"
-    native = False
+    parallel = False  # its prompt asks for one JSON object
     syntax = Syntax("", None, 0, ("arguments",))
     PROMPT = ("You can call these functions:\n{functions}\n"
               'To call one, answer with only a JSON object: {{"name": <function name>, "arguments": '
