@@ -94,6 +94,12 @@ def test_a_partial_marker_is_held_only_until_it_is_told_apart():
     assert reassemble(json_parser.feed("} too") + json_parser.finish()) == (" {} too", [])
 
 
+def test_text_after_a_call_is_content_too():
+    text = 'Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\nDone.'
+    content, calls = parse_whole(FORMATS["hermes"].syntax, text)
+    assert content == "Sure.\nDone." and calls[0]["function"]["arguments"] == '{"a": 1}'
+
+
 def test_parallel_tool_calls_false_keeps_only_the_first_call():
     content, calls = parse_whole(FORMATS["hermes"].syntax, ANSWERS["hermes"], parallel=False)
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
