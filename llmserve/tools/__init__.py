@@ -72,14 +72,19 @@ class ChatTools:
         messages, tools = self.format.render(self.req, self.tools)
         self.prompt_chars = sum(len(m.get("content") or "") for m in messages)
         try:
-            return await backend.encode_chat(messages, tools=tools, template=self.template)
+            return await self._encode(backend, messages, tools)
         except InvalidRequest:
             # a template that forbids a system role: the system text goes into the first user turn
             if not (self.tools and messages[0]["role"] == "system" and len(messages) > 1
                     and messages[1]["role"] == "user"):
                 raise
             first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
-            return await backend.encode_chat([first, *messages[2:]], tools=tools, template=self.template)
+            return await self._encode(backend, [first, *messages[2:]], tools)
+
+    async def _encode(self, backend, messages, tools):
+        if tools is None and self.template is None:  # engines of one's own may take messages only
+            return await backend.encode_chat(messages)
+        return await backend.encode_chat(messages, tools=tools, template=self.template)
 
     def grammar(self) -> Optional[CallGrammar]:
         return self.format.grammar(self.req, self.tools) if self.tools else None
