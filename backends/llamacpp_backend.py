@@ -114,7 +114,8 @@ class LlamaCppBackend(Backend):
     def capabilities(self) -> set[str]:
         if self.config.task == "embed":
             return {EMBEDDINGS}
-        return {COMPLETION, CHAT} if self._template else {COMPLETION}
+        # the alias's chat_template serves a model without one of its own
+        return {COMPLETION, CHAT} if self._template or self.config.chat_template else {COMPLETION}
 
     def running_requests(self) -> int:
         return self.scheduler.busy() if self.scheduler else self._embedder.running

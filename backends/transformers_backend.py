@@ -122,7 +122,7 @@ class TransformersBackend(Backend):
         if self.config.task == "embed":
             return {EMBEDDINGS}
         caps = {COMPLETION}
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template() or self.config.chat_template:  # the model's own, or the alias's
             caps.add(CHAT)
         return caps
 

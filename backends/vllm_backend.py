@@ -97,7 +97,7 @@ class VllmBackend(Backend):
 
     def capabilities(self) -> set[str]:
         caps = {COMPLETION}
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template() or self.config.chat_template:  # the model's own, or the alias's
             caps.add(CHAT)
         return caps
 
