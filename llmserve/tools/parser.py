@@ -74,6 +74,9 @@ _KEY, _IN_KEY, _COLON, _VALUE, _IN_VALUE, _AFTER_VALUE = range(6)
 
 
 class CallParser:
+    """Content and calls out of one answer: ``feed`` each piece of text as it comes, ``finish``
+    at the end; both return the events to send (neighbours of one kind joined)."""
+
     def __init__(self, syntax: Syntax, parallel: bool = True):
         self.syntax = syntax
         self.parallel = parallel
@@ -195,8 +198,8 @@ class CallParser:
                     self._region = False
                     return text[pos + 1:]
             else:
-                self._wrapper += ch
-                if self._wrapper.endswith(syntax.end):
+                self._wrapper = (self._wrapper + ch)[-len(syntax.end):]
+                if self._wrapper == syntax.end:
                     self._region = False
                     return text[pos + 1:]
         return ""
