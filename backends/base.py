@@ -26,6 +26,7 @@ class ModelSpec(Protocol):
 
     def location(self) -> Path | str: ...
 
+from .grammar import CallGrammar
 
 CHAT, COMPLETION, EMBEDDINGS = "chat", "completion", "embeddings"
 
@@ -46,6 +47,7 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     json_schema: Optional[dict] = None  # the output is constrained to JSON valid under this schema
+    tool_grammar: Optional[CallGrammar] = None  # or to tool calls in the model's format (tool_choice)
 
     def greedy(self) -> bool:
         """Temperatures this small pick the most likely token (vLLM's threshold): dividing
@@ -62,6 +64,7 @@ class SamplingParams:
             "min_p": self.min_p > 0,
             "logit_bias": bool(self.logit_bias),
             "response_format": self.json_schema is not None,
+            "tool_choice": self.tool_grammar is not None,
         }
         return {name for name, on in used.items() if on}
 
@@ -145,8 +148,14 @@ class Backend(abc.ABC):
 
     # -- prompts ----------------------------------------------------------------------
     @abc.abstractmethod
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the conversation rendered by the model's own chat template."""
+    async def encode_chat(self, messages: list[dict], tools: Optional[list[dict]] = None,
+                          template: Optional[str] = None) -> list[int]:
+        """Token ids of the conversation rendered by the chat template (``template``, else the
+        model's own) with ``tools=`` (OpenAI's tool objects) where given."""
+
+    def chat_template(self) -> Optional[str]:
+        """The model's own chat template (its text), None when it has none."""
+        return None
 
     @abc.abstractmethod
     async def encode_text(self, text: str) -> list[int]:

@@ -23,6 +23,7 @@ from typing import AsyncIterator, Optional
 
 from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, release_memory
 from .convert import gguf_requantize
+from .grammar import gbnf
 from .errors import BadInput, NotInstalled, surface
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import ByteDetokenizer, log_softmax, template_error, top_logprobs
@@ -36,7 +37,7 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
     # all in the slot's sampler chain; JSON schemas become llama.cpp grammars (GBNF)
     features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                          "logit_bias", "response_format"})
+                          "logit_bias", "response_format", "tool_choice"})
 
     llm = None  # embedding aliases: a Llama object
     model = None  # generation aliases: the model, and a Scheduler owning the context
@@ -82,17 +83,8 @@ class LlamaCppBackend(Backend):
         self.model = LlamaModel(path_model=path, params=mparams, verbose=False)
         self.scheduler = Scheduler(lib, self.model, args.parallel, args.n_ctx, args.n_batch, args.prefill_chunk,
                                    threads, name=f"llamacpp-slots-{self.alias}")
-        self._formatter = None
-        template = self.model.metadata().get("tokenizer.chat_template")
-        if template:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self.model.token_get_text(self.model.token_eos()),
-                bos_token=self.model.token_get_text(self.model.token_bos()),
-                add_generation_prompt=True,
-            )
+        self._template = self.model.metadata().get("tokenizer.chat_template")
+        self._formatters = {}  # template text -> its compiled formatter
 
     async def unload(self) -> None:
         if self.scheduler is not None:
@@ -111,7 +103,8 @@ class LlamaCppBackend(Backend):
     def capabilities(self) -> set[str]:
         if self.config.task == "embed":
             return {EMBEDDINGS}
-        return {COMPLETION, CHAT} if self._formatter else {COMPLETION}
+        # the alias's chat_template serves a model without one of its own
+        return {COMPLETION, CHAT} if self._template or self.config.chat_template else {COMPLETION}
 
     def running_requests(self) -> int:
         return self.scheduler.busy() if self.scheduler else self._embedder.running
@@ -131,10 +124,27 @@ class LlamaCppBackend(Backend):
         return info
 
     # -- prompts: the vocabulary is read-only, so tokenizing runs beside the scheduler ------
-    async def encode_chat(self, messages):
+    def chat_template(self):
+        return self._template
+
+    def _formatter(self, template: str):
+        """The GGUF's chat template (or the alias's) compiled once, rendered as Transformers does."""
+        formatter = self._formatters.get(template)
+        if formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            formatter = self._formatters[template] = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self.model.token_get_text(self.model.token_eos()),
+                bos_token=self.model.token_get_text(self.model.token_bos()),
+                add_generation_prompt=True,
+            )
+        return formatter
+
+    async def encode_chat(self, messages, tools=None, template=None):
         def render():
             try:
-                out = self._formatter(messages=messages)
+                out = self._formatter(template or self._template)(messages=messages, tools=tools)
             except Exception as exc:
                 raise template_error(exc) from exc
             return self.model.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
@@ -148,7 +158,15 @@ class LlamaCppBackend(Backend):
         return self._lib.llama_vocab_n_tokens(self.model.vocab)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        grammar = json_grammar(params.json_schema) if params.json_schema is not None else None
+        grammar = None
+        if params.tool_grammar is not None:
+            try:
+                grammar = gbnf(params.tool_grammar)
+            except Exception as exc:
+                raise surface(BadInput(f"llama.cpp cannot constrain output to these tools' schemas: {exc}",
+                                       param="tools")) from exc
+        elif params.json_schema is not None:
+            grammar = json_grammar(params.json_schema)
         return self.scheduler.stream(prompt_ids, params, grammar)
 
     # -- embeddings ---------------------------------------------------------------------------

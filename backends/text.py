@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 import functools
 import re
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Optional
 
 from .base import Delta, TokenLogprob
 from .errors import BadInput, surface
@@ -17,10 +17,13 @@ def template_error(exc: Exception):
     return surface(BadInput(f"The model's chat template rejected these messages: {exc}", param="messages"))
 
 
-def hf_chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation through a Hugging Face tokenizer's chat template."""
+def hf_chat_ids(tokenizer, messages: list[dict], tools: Optional[list[dict]] = None,
+                template: Optional[str] = None) -> list[int]:
+    """Token ids of a conversation through a Hugging Face tokenizer's chat template (or the
+    alias's own ``template``), with ``tools`` given to the template."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
+                                             add_generation_prompt=True, tokenize=False)
     except Exception as exc:
         raise template_error(exc) from exc
     # the template already wrote any special tokens (BOS) the model wants

@@ -23,6 +23,7 @@ from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, Samp
 from .errors import BadInput, NotInstalled, surface
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, top_logprobs
+from .grammar import structural_tag
 
 
 def _import_engine(alias: str):
@@ -38,7 +39,7 @@ class TransformersBackend(Backend):
     name = "transformers"
     # per row in BatchLoop._sample; JSON schemas through xgrammar's matcher and token mask
     features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                          "logit_bias", "response_format"})
+                          "logit_bias", "response_format", "tool_choice"})
 
     model = None
     tokenizer = None
@@ -105,7 +106,7 @@ class TransformersBackend(Backend):
         if self.config.task == "embed":
             return {EMBEDDINGS}
         caps = {COMPLETION}
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template() or self.config.chat_template:  # the model's own, or the alias's
             caps.add(CHAT)
         return caps
 
@@ -126,21 +127,24 @@ class TransformersBackend(Backend):
     def context_length(self) -> int:
         return self._ctx
 
-    async def encode_chat(self, messages):
-        return await self._thread.call(hf_chat_ids, self.tokenizer, messages)
+    async def encode_chat(self, messages, tools=None, template=None):
+        return await self._thread.call(hf_chat_ids, self.tokenizer, messages, tools, template)
+
+    def chat_template(self):
+        return getattr(self.tokenizer, "chat_template", None)
 
     async def encode_text(self, text):
         return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        if params.json_schema is None:
+        if params.json_schema is None and params.tool_grammar is None:
             return self.batcher.stream(prompt_ids, params)
         return self._constrained(prompt_ids, params)
 
     async def _constrained(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         # compiling a grammar takes long (the first one builds the vocabulary's tables):
         # on the model's worker thread, so the event loop keeps every other stream going
-        grammar = await self._thread.call(self._json_grammar, params.json_schema)
+        grammar = await self._thread.call(self._grammar, params)
         stream = self.batcher.stream(prompt_ids, params, grammar)
         try:
             async for delta in stream:
@@ -151,19 +155,27 @@ class TransformersBackend(Backend):
     def vocab_size(self) -> int:
         return self.model.config.get_text_config().vocab_size
 
-    def _json_grammar(self, schema: dict):
-        """xgrammar's compiled grammar for JSON under ``schema`` (each request gets a matcher)."""
+    def _grammar(self, params: SamplingParams):
+        """xgrammar's compiled grammar for the request's tool calls or JSON schema (each request
+        gets a matcher of its own)."""
         import json
 
+        try:
+            if params.tool_grammar is not None:
+                return self._compiler().compile_structural_tag(structural_tag(params.tool_grammar))
+            return self._compiler().compile_json_schema(json.dumps(params.json_schema))
+        except Exception as exc:
+            if params.tool_grammar is not None:
+                raise surface(BadInput(f"Cannot constrain output to these tools' schemas: {exc}", param="tools")) from exc
+            raise surface(BadInput(f"Cannot constrain output to this JSON schema: {exc}", param="response_format")) from exc
+
+    def _compiler(self):
         import xgrammar
 
         if self._grammar_compiler is None:
             info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size())
             self._grammar_compiler = xgrammar.GrammarCompiler(info)
-        try:
-            return self._grammar_compiler.compile_json_schema(json.dumps(schema))
-        except Exception as exc:
-            raise surface(BadInput(f"Cannot constrain output to this JSON schema: {exc}", param="response_format")) from exc
+        return self._grammar_compiler
 
     async def embed(self, inputs: list[str]) -> Embeddings:
         return await self._embedder.embed(inputs)

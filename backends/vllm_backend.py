@@ -23,6 +23,7 @@ from . import faults
 from .errors import BadInput, EngineFailure, NotInstalled, surface
 from .scheduling import EngineThread
 from .text import hf_chat_ids, hf_token_bytes
+from .grammar import structural_tag
 
 log = logging.getLogger("llmserve")
 
@@ -59,8 +60,8 @@ def _swap_space(args: VllmArgs, gib: float, engine_fields: set[str]) -> dict:
     has for KV blocks is KV offloading, sized in total over all ranks where swap_space was GiB
     per GPU. Without either, the setting is a configuration error, not silently dropped."""
     if "kv_offloading_size" not in engine_fields:
-        raise InvalidRequest("vllm.swap_space: the installed vLLM has neither swap space nor KV offloading; "
-                             "remove swap_space from the alias", param="vllm.swap_space")
+        raise surface(BadInput("vllm.swap_space: the installed vLLM has neither swap space nor KV offloading; "
+                               "remove swap_space from the alias", param="vllm.swap_space"))
     total = gib * args.tensor_parallel_size * args.pipeline_parallel_size
     log.info("vllm.swap_space=%s GiB per GPU -> kv_offloading_size=%s GiB (vLLM's CPU KV tier)", gib, total)
     return {"kv_offloading_size": total}
@@ -70,7 +71,7 @@ class VllmBackend(Backend):
     name = "vllm"
     # vLLM's own sampling parameters and structured outputs
     features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                          "logit_bias", "response_format"})
+                          "logit_bias", "response_format", "tool_choice"})
 
     engine = None
     _tokenizing: EngineThread | None = None  # the thread that renders and tokenizes prompts
@@ -120,7 +121,7 @@ class VllmBackend(Backend):
 
     def capabilities(self) -> set[str]:
         caps = {COMPLETION}
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template() or self.config.chat_template:  # the model's own, or the alias's
             caps.add(CHAT)
         return caps
 
@@ -158,8 +159,11 @@ class VllmBackend(Backend):
 
     # templates and tokenizing (prompts up to limits.max_prompt_chars) run on a thread of their
     # own, off the event loop; one thread, as a Hugging Face tokenizer is not safe to share
-    async def encode_chat(self, messages):
-        return await self._tokenizing.call(hf_chat_ids, self.tokenizer, messages)
+    async def encode_chat(self, messages, tools=None, template=None):
+        return await self._tokenizing.call(hf_chat_ids, self.tokenizer, messages, tools, template)
+
+    def chat_template(self):
+        return getattr(self.tokenizer, "chat_template", None)
 
     async def encode_text(self, text):
         return await self._tokenizing.call(lambda: self.tokenizer(text)["input_ids"])
@@ -174,7 +178,7 @@ class VllmBackend(Backend):
 
     def _sampling_params(self, params: SamplingParams):
         from vllm import SamplingParams as VSamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind
 
         try:
             return VSamplingParams(
@@ -192,8 +196,7 @@ class VllmBackend(Backend):
                 repetition_penalty=params.repetition_penalty,
                 logit_bias=params.logit_bias or None,
                 logprobs=params.logprobs,
-                structured_outputs=None if params.json_schema is None else StructuredOutputsParams(
-                    json=params.json_schema),
+                structured_outputs=_structured(params),
                 output_kind=RequestOutputKind.DELTA,
             )
         except (TypeError, ValueError) as exc:
@@ -237,3 +240,11 @@ class VllmBackend(Backend):
         finally:
             if not finished:  # client gone or stop found by us: free the engine at once
                 await self.engine.abort(request_id)
+
+
+def _structured(params: SamplingParams):
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if params.tool_grammar is not None:
+        return StructuredOutputsParams(structural_tag=structural_tag(params.tool_grammar))
+    return None if params.json_schema is None else StructuredOutputsParams(json=params.json_schema)

@@ -63,6 +63,10 @@ class ModelConfig(_Strict):
     max_pending: Optional[int] = Field(None, ge=1)
     trust_remote_code: bool = False  # run the model repository's own Python (Transformers / vLLM)
     keep_alive: Optional[float] = Field(None, gt=0)  # seconds idle before it unloads itself (None: never)
+    # the chat template (a file, relative to the project, or inline Jinja text) instead of the model's own
+    chat_template: Optional[str] = None
+    # the tool-call format (llmserve/tools/formats.py); detected from the chat template when not given
+    tool_parser: Optional[Literal["hermes", "llama3_json", "mistral", "json"]] = None
     llamacpp: LlamaCppArgs = Field(default_factory=LlamaCppArgs)
     transformers: TransformersArgs = Field(default_factory=TransformersArgs)
     vllm: VllmArgs = Field(default_factory=VllmArgs)
@@ -71,6 +75,9 @@ class ModelConfig(_Strict):
     def _one_source(self) -> "ModelConfig":
         if (self.source is None) == (self.package is None):
             raise ValueError("give exactly one of `source` or `package`")
+        t = self.chat_template
+        if t is not None and "{{" not in t and "{%" not in t and not (PROJECT_ROOT / Path(t).expanduser()).is_file():
+            raise ValueError(f"chat_template: no file {t!r} (a path relative to the project, or inline Jinja text)")
         return self
 
     def location(self) -> Path | str:

@@ -45,9 +45,9 @@ class OpenAIOperations:
         if req.modalities not in (None, ["text"]):
             raise InvalidRequest("Only text output is supported (`modalities: [\"text\"]`).", param="modalities",
                                  code="unsupported_parameter")
-        messages = tools.render(req)
-        self._check_prompt_size(sum(len(m["content"]) for m in messages))
-        return await self._run(alias, CHAT, req, lambda b: b.encode_chat(messages))
+        calls = tools.ChatTools(req, self.settings.models.get(alias))
+        self._check_prompt_size(sum(len(m.text()) for m in req.messages))
+        return await self._run(alias, CHAT, req, calls.encode, calls)
 
     async def complete(self, req: CompletionRequest) -> Result:
         alias = req.model or self.settings.default_model
@@ -131,7 +131,7 @@ class OpenAIOperations:
                 code="context_length_exceeded",
             )
 
-    def _sampling(self, req, prompt_tokens: int, backend: Backend) -> SamplingParams:
+    def _sampling(self, req, prompt_tokens: int, backend: Backend, calls=None) -> SamplingParams:
         limits = self.settings.limits
         ctx = backend.context_length()
         asked = req.requested_max_tokens()
@@ -170,14 +170,16 @@ class OpenAIOperations:
             repetition_penalty=req.repetition_penalty,
             min_p=req.min_p,
             logit_bias=bias,
-            json_schema=tools.constraint(req) if isinstance(req, ChatCompletionRequest) else None,
         )
+        if calls is not None:  # tool_choice "required" / named: calls in the model's format; else response_format
+            params.tool_grammar = calls.grammar()
+            params.json_schema = None if params.tool_grammar else response_schema(req.response_format)
         for name in sorted(params.features() - backend.features):
             raise InvalidRequest(f"`{name}` is not supported by the {backend.name} engine that serves this model.",
                                  param=name, code="unsupported_parameter")
         return params
 
-    async def _run(self, alias: str, capability: str, req, encode) -> Result:
+    async def _run(self, alias: str, capability: str, req, encode, calls=None) -> Result:
         chat = capability == CHAT
         # the manager's context is entered by hand: for a stream it stays open until the
         # last chunk is sent, long after this function has returned
@@ -188,7 +190,7 @@ class OpenAIOperations:
             if not prompt_ids:  # e.g. "" for a model that adds no BOS: nothing to continue from
                 raise InvalidRequest("The prompt is empty: give at least one token of text.",
                                      param="messages" if chat else "prompt", code="empty_prompt")
-            params = self._sampling(req, len(prompt_ids), backend)
+            params = self._sampling(req, len(prompt_ids), backend, calls)
             # n choices are n generations of the same prompt (seeded ones with seed, seed+1, ...)
             choices = [params if i == 0 else replace(params, seed=None if params.seed is None else params.seed + i)
                        for i in range(req.n)]
@@ -204,7 +206,7 @@ class OpenAIOperations:
             "model": alias,
             "object": "chat.completion" if chat else "text_completion",
         }
-        shape = Shape(chat, tools.active(req) if chat else [], params.logprobs is not None,
+        shape = Shape(chat, calls, params.logprobs is not None,
                       req.prompt if not chat and req.echo else "")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -312,7 +314,7 @@ class OpenAIOperations:
     async def _stream_choices(self, release, backend, streams, meta, prompt_tokens, metrics, shape, include_usage,
                               deadline):
         """The general stream: n choices interleaved by index, logprobs per chunk, echo, and
-        tool calls (an answer that may be a call is held back until it is complete)."""
+        tool calls (content as it comes, then each call's id and name, then its arguments)."""
         meta = {**meta, "object": "chat.completion.chunk" if shape.chat else "text_completion"}
         events: asyncio.Queue = asyncio.Queue()
 
@@ -331,7 +333,7 @@ class OpenAIOperations:
                 events.put_nowait((i, None))
 
         release.tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
-        held = [[] for _ in streams]  # text of a tool-call answer, sent when it is complete
+        parsers = [shape.parser() for _ in streams]
         counts, open_ = [0] * len(streams), len(streams)
         try:
             for i in range(len(streams)):
@@ -351,11 +353,9 @@ class OpenAIOperations:
                 counts[i] = d.completion_tokens
                 if d.finish_reason:
                     metrics[i].finish(d.finish_reason)
-                if shape.tools:
-                    held[i].append(d.text)
-                    if d.finish_reason:
-                        for c in shape.final_chunks(i, "".join(held[i]), d.finish_reason):
-                            yield sse_event({**meta, "choices": [c]})
+                if parsers[i] is not None:
+                    for c in shape.call_chunks(i, d, parsers[i]):
+                        yield sse_event({**meta, "choices": [c]})
                     continue
                 for c in shape.chunks(i, d):
                     yield sse_event({**meta, "choices": [c]})
@@ -435,21 +435,26 @@ class Shape:
     """How the choices of one request are written: chat or text, tool calls, logprobs, echo."""
 
     chat: bool
-    tools: list  # active tools: an answer may be a call
+    calls: Optional[tools.ChatTools]  # a chat request's tools: an answer may hold calls
     logprobs: bool
     echo: str = ""
 
     def plain(self) -> bool:
-        return not self.tools and not self.logprobs and not self.echo
+        return not (self.calls and self.calls.tools) and not self.logprobs and not self.echo
+
+    def parser(self) -> Optional[tools.CallParser]:
+        return self.calls.parser() if self.calls else None
 
     def choice(self, i: int, text: str, finish: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": self._logprobs(logprobs)}
         if not self.chat:
             c["text"] = self.echo + text
             return c
-        calls = tools.parse(text, self.tools) if self.tools else None
+        content, calls = self.calls.parse(text) if self.calls else (text, [])
         if calls:
-            c.update(message={"role": "assistant", "content": None, "tool_calls": calls}, finish_reason="tool_calls")
+            c["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+            if finish == "stop":
+                c["finish_reason"] = "tool_calls"
         else:
             c["message"] = {"role": "assistant", "content": text}
         return c
@@ -481,16 +486,19 @@ class Shape:
             return {"index": i, "delta": {}, "finish_reason": finish, "logprobs": None}
         return {"index": i, "text": "", "finish_reason": finish, "logprobs": None}
 
-    def final_chunks(self, i: int, text: str, finish: str) -> list[dict[str, Any]]:
-        """The whole answer of a request with tools: its calls (with indexes) or its text,
-        then the finish chunk."""
-        calls = tools.parse(text, self.tools)
-        if calls:
-            delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
-            finish = "tool_calls"
-        else:
-            delta = {"content": text}
-        return [{"index": i, "delta": delta, "finish_reason": None, "logprobs": None}, self.finish_chunk(i, finish)]
+    def call_chunks(self, i: int, d: Delta, parser: tools.CallParser) -> list[dict[str, Any]]:
+        """The chunks of one step of an answer that may call tools: content, a call's id and
+        name, pieces of its arguments; the finish reason "tool_calls" once a call was made."""
+        events = parser.feed(d.text) + (parser.finish() if d.finish_reason else [])
+        out = [{"index": i, "delta": _call_delta(e), "finish_reason": None, "logprobs": None} for e in events]
+        if self.logprobs and d.logprobs:
+            if not out:
+                out.append({"index": i, "delta": {}, "finish_reason": None, "logprobs": None})
+            out[0]["logprobs"] = self._logprobs(d.logprobs)
+        if d.finish_reason:
+            finish = "tool_calls" if d.finish_reason == "stop" and parser.calls else d.finish_reason
+            out.append(self.finish_chunk(i, finish))
+        return out
 
     def _logprobs(self, entries: list[TokenLogprob]) -> Optional[dict[str, Any]]:
         if not self.logprobs:
@@ -534,6 +542,24 @@ _HINTS = {
 }
 
 _TEXT_SLOT = "\x00text\x00"
+
+
+def _call_delta(e) -> dict[str, Any]:
+    if isinstance(e, tools.Content):
+        return {"content": e.text}
+    if isinstance(e, tools.CallStart):
+        return {"tool_calls": [{"index": e.index, "id": e.id, "type": "function",
+                                "function": {"name": e.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]}
+
+
+def response_schema(fmt) -> Optional[dict[str, Any]]:
+    """The JSON schema response_format asks the output to follow (None: free text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    return fmt.json_schema.schema_ or {"type": "object"}
 
 
 def sse_event(obj: dict[str, Any]) -> str:

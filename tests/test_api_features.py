@@ -88,14 +88,16 @@ def test_tool_calls_stream_as_delta_tool_calls(oai, alias):
     stream = oai.chat.completions.create(model=alias, messages=[{"role": "user", "content": "Weather in Rome?"}],
                                          tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                          max_tokens=40, temperature=0, stream=True)
-    calls, finish = [], None
+    name, arguments, finish = None, "", None
     for chunk in stream:
         for c in chunk.choices:
-            calls += c.delta.tool_calls or []
+            for d in c.delta.tool_calls or []:  # the id and name first, then the arguments in pieces
+                name = name or d.function.name
+                arguments += d.function.arguments or ""
             finish = c.finish_reason or finish
     assert finish == "tool_calls"
-    assert calls[0].function.name == "get_weather"
-    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
 
 
 def test_logprobs_give_one_entry_per_token_with_the_greedy_choice_on_top(http, alias):

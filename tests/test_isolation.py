@@ -273,7 +273,7 @@ async def test_the_transformers_grammar_compiles_off_the_event_loop():
 
     backend = object.__new__(TransformersBackend)
     backend._thread, backend.batcher = EngineThread("test-grammar"), Batcher()
-    backend._json_grammar = lambda schema: compiled_on.append(threading.get_ident()) or "grammar"
+    backend._grammar = lambda params: compiled_on.append(threading.get_ident()) or "grammar"
     try:
         deltas = [d async for d in backend.generate([1], SamplingParams(max_tokens=4, json_schema={"type": "object"}))]
     finally:

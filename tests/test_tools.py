@@ -1,0 +1,317 @@
+"""Tool calling in the model's own format: the parsers alone, the grammars each engine gets,
+rendering through the chat template, and chat round trips on the tool-aware aliases of all
+three engines (SmolLM2 with the Hermes template on llama.cpp and vLLM, the Llama 3.1 JSON
+template on Transformers), streamed and not, through the official openai client."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import jsonschema
+import pytest
+
+from backends.grammar import CallGrammar, gbnf, structural_tag
+from llmserve.schemas import ChatCompletionRequest
+from llmserve.tools import ChatTools, template_text
+from llmserve.tools.formats import FORMATS, detect
+from llmserve.tools.parser import Arguments, CallParser, CallStart, Content, parse_whole
+from tests.test_api_features import WEATHER  # get_weather(city), city at most 20 characters
+from tests.test_errors import assert_openai_error
+
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The current time in a city",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL_ARGS = '{"city": "Par\\"is {x}", "n": [1, 2]}'
+# each format's way of writing a preamble, two calls and nothing after
+ANSWERS = {
+    "hermes": 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + CALL_ARGS
+              + '}\n</tool_call>\n<tool_call>\n{"arguments": {}, "name": "get_time"}\n</tool_call>\n',
+    "llama3_json": 'Let me check. {"name": "get_weather", "parameters": ' + CALL_ARGS
+                   + '}; {"name": "get_time", "parameters": {}}',
+    "mistral": 'Let me check.[TOOL_CALLS][{"name": "get_weather", "arguments": ' + CALL_ARGS
+               + '}, {"name": "get_time", "arguments": {}}]',
+    "json": 'Let me check.\n{"name": "get_weather", "arguments": ' + CALL_ARGS + '}\n{"name": "get_time"}',
+}
+
+
+def stream_events(fmt: str, text: str, cuts: list[int], parallel: bool = True) -> list:
+    parser = CallParser(FORMATS[fmt].syntax, parallel)
+    events, at = [], 0
+    for cut in [*cuts, len(text)]:
+        events += parser.feed(text[at:cut])
+        at = cut
+    return events + parser.finish()
+
+
+def reassemble(events) -> tuple[str, list[list[str]]]:
+    content, calls = "", []
+    for e in events:
+        if isinstance(e, Content):
+            content += e.text
+        elif isinstance(e, CallStart):
+            assert e.index == len(calls) and e.id.startswith("call_")
+            calls.append([e.name, ""])
+        else:
+            calls[e.index][1] += e.text
+    return content, calls
+
+
+# -- the parsers alone -----------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", sorted(ANSWERS))
+def test_each_format_reads_its_calls_and_keeps_the_preamble_as_content(fmt):
+    content, calls = parse_whole(FORMATS[fmt].syntax, ANSWERS[fmt])
+    assert content == "Let me check."
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_weather", CALL_ARGS), ("get_time", "{}")]
+    assert len({c["id"] for c in calls}) == 2
+
+
+@pytest.mark.parametrize("fmt", sorted(ANSWERS))
+def test_streamed_fragments_joined_equal_the_whole_answer_however_the_text_is_cut(fmt):
+    text = ANSWERS[fmt]
+    content, calls = parse_whole(FORMATS[fmt].syntax, text)
+    rng = random.Random(fmt)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 30)))
+        got = reassemble(stream_events(fmt, text, cuts))
+        assert got == (content, [[c["function"]["name"], c["function"]["arguments"]] for c in calls])
+    one_char = stream_events(fmt, text, list(range(1, len(text))))
+    # id and name come first, then the arguments in fragments as they are written
+    first_call = next(i for i, e in enumerate(one_char) if isinstance(e, CallStart))
+    assert sum(isinstance(e, Arguments) and e.index == 0 for e in one_char[first_call:]) > 5
+
+
+def test_a_partial_marker_is_held_only_until_it_is_told_apart():
+    parser = CallParser(FORMATS["hermes"].syntax)
+    assert reassemble(parser.feed("Hello <tool")) == ("Hello", [])  # "<tool" may open a call
+    assert reassemble(parser.feed("box> here")) == (" <toolbox> here", [])  # it did not
+    assert reassemble(parser.feed(" <tool_call>")) == ("", [])
+    assert reassemble(parser.feed('{"name": "f"')) == ("", [["f", ""]])  # the name as soon as it is whole
+    json_parser = CallParser(FORMATS["json"].syntax)
+    assert reassemble(json_parser.feed("a set {1, 2")) == ("a set {1, 2", [])
+    assert reassemble(json_parser.feed(" and {")) == (" and", [])
+    assert reassemble(json_parser.feed("} too") + json_parser.finish()) == (" {} too", [])
+
+
+def test_text_after_a_call_is_content_too():
+    text = 'Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\nDone.'
+    content, calls = parse_whole(FORMATS["hermes"].syntax, text)
+    assert content == "Sure.\nDone." and calls[0]["function"]["arguments"] == '{"a": 1}'
+
+
+def test_parallel_tool_calls_false_keeps_only_the_first_call():
+    content, calls = parse_whole(FORMATS["hermes"].syntax, ANSWERS["hermes"], parallel=False)
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert reassemble(stream_events("hermes", ANSWERS["hermes"], [7, 40], parallel=False))[1] == [
+        ["get_weather", CALL_ARGS]]
+
+
+def test_arguments_that_do_not_parse_leave_the_whole_answer_as_content():
+    cut_off = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'
+    assert parse_whole(FORMATS["hermes"].syntax, cut_off) == (cut_off, [])
+
+
+# -- grammars -----------------------------------------------------------------------------------
+def _grammar(fmt: str, tools, choice="required", parallel=True) -> CallGrammar:
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=tools, tool_choice=choice,
+                                parallel_tool_calls=parallel)
+    return FORMATS[fmt].grammar(req, req.tools)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_the_grammar_of_each_format_accepts_its_calls_and_nothing_else(fmt):
+    import xgrammar
+    from llama_cpp import LlamaGrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    g = _grammar(fmt, [WEATHER, TIME])
+    LlamaGrammar.from_string(gbnf(g), verbose=False)  # llama.cpp parses it
+    grammar = xgrammar.Grammar.from_structural_tag(structural_tag(g))
+    fmt_ = FORMATS[fmt]
+    weather = json.dumps({"name": "get_weather", fmt_.args_key: {"city": "Rome"}})
+    time = json.dumps({"name": "get_time", fmt_.args_key: {}})
+    assert _is_grammar_accept_string(grammar, g.begin + weather + g.end)
+    # several calls where the format has a way to write them (the generic prompt asks for one)
+    assert _is_grammar_accept_string(grammar, g.begin + weather + g.separator + time + g.end) == fmt_.parallel
+    assert not _is_grammar_accept_string(grammar, g.begin + weather.replace("Rome", "R" * 30) + g.end)  # maxLength
+    assert not _is_grammar_accept_string(grammar, g.begin + weather.replace("get_weather", "nope") + g.end)
+    single = xgrammar.Grammar.from_structural_tag(structural_tag(_grammar(fmt, [WEATHER, TIME], parallel=False)))
+    assert not _is_grammar_accept_string(single, g.begin + weather + g.separator + time + g.end)
+
+
+def test_the_call_format_is_detected_from_the_chat_template():
+    assert detect(template_text("llmserve/tools/templates/hermes.jinja")).name == "hermes"
+    assert detect(template_text("llmserve/tools/templates/llama3_json.jinja")).name == "llama3_json"
+    assert detect("{{ messages }}").name == "json"  # a template that knows no tools (SmolLM2's own)
+    assert detect("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]").name == "mistral"
+
+
+def test_an_alias_chat_template_file_that_does_not_exist_or_an_unknown_parser_is_refused():
+    from pydantic import ValidationError
+
+    from llmserve.config import ModelConfig
+
+    with pytest.raises(ValidationError, match="chat_template: no file 'nope.jinja'"):
+        ModelConfig(source="x.gguf", chat_template="nope.jinja")
+    with pytest.raises(ValidationError, match="tool_parser"):
+        ModelConfig(source="x.gguf", tool_parser="pythonic")
+    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert template_text(ModelConfig(source="x.gguf", chat_template=inline).chat_template) == inline
+
+
+# -- rendering through a real template (llama.cpp's renderer on the shipped GGUF) ---------------
+@pytest.fixture(scope="module")
+async def gguf_backend():
+    from backends.llamacpp_backend import LlamaCppBackend
+    from llmserve.config import load_settings
+
+    backend = LlamaCppBackend("smollm2-tools", load_settings().models["smollm2-tools"])
+    await backend.load()
+    yield backend
+    await backend.unload()
+
+
+def _rendered(backend, ids) -> str:
+    return backend.model.detokenize(ids, special=True).decode()
+
+
+HISTORY = [
+    {"role": "user", "content": "Weather and time in Paris?"},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "c2", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    {"role": "tool", "tool_call_id": "c2", "content": "noon"},
+]
+
+
+async def test_two_tool_results_in_a_row_become_one_user_turn_in_both_kinds_of_template(gguf_backend):
+    from llmserve.config import load_settings
+
+    config = load_settings().models["smollm2-tools"]
+    req = ChatCompletionRequest(messages=HISTORY, tools=[WEATHER, TIME])
+    hermes = _rendered(gguf_backend, await ChatTools(req, config).encode(gguf_backend))
+    assert hermes.count("<|im_start|>user") == 2  # the question, then both results in one turn
+    assert "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nnoon\n</tool_response>" in hermes
+    assert 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in hermes
+    assert '"name": "get_time"' in hermes.split("<tools>\n")[1]  # the tools, through tools=
+    generic = _rendered(gguf_backend, await ChatTools(req, config.model_copy(
+        update={"chat_template": None, "tool_parser": None})).encode(gguf_backend))  # SmolLM2's own template
+    assert generic.count("<|im_start|>user") == 2
+    assert "Result of call c1: sunny\nResult of call c2: noon" in generic
+    assert 'Checking.\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in generic
+
+
+async def test_a_template_that_forbids_a_system_role_still_renders_a_tools_request(gguf_backend):
+    from llmserve.config import load_settings
+
+    gemma_like = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+                  "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    config = load_settings().models["smollm2-tools"].model_copy(update={"chat_template": gemma_like, "tool_parser": None})
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "Weather in Rome?"}], tools=[WEATHER])
+    text = _rendered(gguf_backend, await ChatTools(req, config).encode(gguf_backend))
+    assert text.startswith("<|im_start|>user\nYou can call these functions:") and "Weather in Rome?" in text
+
+
+# -- round trips on the three engines ----------------------------------------------------------
+TOOL_ALIASES = ["smollm2-tools", "smollm2-hf-tools", "smollm2-vllm-tools"]  # llama.cpp, Transformers, vLLM
+
+
+@pytest.fixture(scope="module", params=TOOL_ALIASES)
+def alias(request, server):
+    if request.param == "smollm2-vllm-tools":  # its engine takes a minute to start on CPU
+        r = httpx.post(f"{server.url}/models/{request.param}/load", timeout=600)
+        assert r.status_code == 200, r.text
+    yield request.param
+    if request.param == "smollm2-vllm-tools":  # the vLLM CPU engine is big: give its memory back
+        httpx.post(f"{server.url}/models/{request.param}/unload", timeout=300)
+
+
+def few_shot(n: int = 3) -> list[dict]:
+    """Earlier turns in which the assistant called get_weather, then a new question (with
+    these, SmolLM2-135M calls under tool_choice "auto" on all three engines)."""
+    messages = []
+    for i, city in enumerate(["Paris", "Berlin", "Madrid"][:n]):
+        messages += [{"role": "user", "content": f"What is the weather in {city}?"},
+                     {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{i}", "type": "function",
+                      "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+                     {"role": "tool", "tool_call_id": f"call_{i}", "content": "sunny"},
+                     {"role": "assistant", "content": f"It is sunny in {city}."}]
+    return messages + [{"role": "user", "content": "What is the weather in Rome?"}]
+
+
+def streamed(oai, **kwargs):
+    """(content, [(id, name, arguments)], finish_reason, fragments per call) of a stream."""
+    content, calls, fragments, finish = "", {}, {}, None
+    for chunk in oai.chat.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or ():
+                if d.id:
+                    assert d.index not in calls and d.function.name  # id and name come first, once
+                    calls[d.index] = [d.id, d.function.name, ""]
+                if d.function and d.function.arguments:
+                    calls[d.index][2] += d.function.arguments
+                    fragments[d.index] = fragments.get(d.index, 0) + 1
+            finish = c.finish_reason or finish
+    return content, [tuple(calls[i]) for i in sorted(calls)], finish, fragments
+
+
+@pytest.mark.parametrize("choice", ["required", "named", "auto"])
+def test_a_call_its_result_and_the_answer_round_trip(oai, alias, choice):
+    tool_choice = {"required": "required", "auto": "auto",
+                   "named": {"type": "function", "function": {"name": "get_weather"}}}[choice]
+    messages = few_shot() if choice == "auto" else [{"role": "user", "content": "What is the weather in Rome?"}]
+    first = oai.chat.completions.create(model=alias, messages=messages, tools=[WEATHER, TIME], tool_choice=tool_choice,
+                                        parallel_tool_calls=False, max_tokens=40, temperature=0)
+    c = first.choices[0]
+    assert c.finish_reason == "tool_calls", c.message
+    (call,) = c.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    messages += [c.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear", "temperature_c": 18}'}]
+    second = oai.chat.completions.create(model=alias, messages=messages, tools=[WEATHER, TIME], tool_choice="none",
+                                         max_tokens=12, temperature=0)
+    assert second.choices[0].message.content and not second.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_streamed_call_deltas_reassemble_to_the_unstreamed_call_byte_for_byte(oai, alias, choice):
+    body = dict(model=alias, messages=few_shot() if choice == "auto" else few_shot(0), tools=[WEATHER, TIME],
+                tool_choice=choice, parallel_tool_calls=False, max_tokens=40, temperature=0)
+    whole = oai.chat.completions.create(**body).choices[0]
+    content, calls, finish, fragments = streamed(oai, **body)
+    assert finish == whole.finish_reason == "tool_calls"
+    assert content == (whole.message.content or "")
+    assert [(name, args) for _, name, args in calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert fragments[0] > 3  # the arguments came in pieces, not whole
+
+
+def test_tool_choice_none_never_calls_even_after_examples_of_calls(oai, alias):
+    r = oai.chat.completions.create(model=alias, messages=few_shot(), tools=[WEATHER], tool_choice="none",
+                                    max_tokens=30, temperature=0)
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason != "tool_calls"
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+BAD = [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None, "nope"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 3}}}]},
+     "tools.0.function.parameters", "tools.0.function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters", "object"),
+    ({"tools": [WEATHER], "messages": [{"role": "user", "content": "hi"},
+                                       {"role": "tool", "tool_call_id": "call_x", "content": "42"}]},
+     "messages.1.tool_call_id", "call_x"),
+]
+
+
+@pytest.mark.parametrize("body,param,contains", BAD, ids=["unknown-function", "bad-schema", "not-an-object",
+                                                          "result-without-call"])
+def test_bad_tool_input_is_a_400_naming_the_field(http, body, param, contains):
+    full = {"model": "smollm2-tools", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body}
+    err = assert_openai_error(http.post("/v1/chat/completions", json=full), 400, param=param, contains=contains)
+    assert param is None or param in err["message"]
