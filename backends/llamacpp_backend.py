@@ -23,7 +23,7 @@ from typing import AsyncIterator, Optional
 
 from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, release_memory
 from .convert import gguf_requantize
-from .errors import BadInput, NotInstalled, surface
+from .errors import BadInput, NotInstalled
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import ByteDetokenizer, log_softmax, template_error, top_logprobs
 
@@ -46,7 +46,7 @@ class LlamaCppBackend(Backend):
         try:
             import llama_cpp
         except ImportError:
-            raise surface(NotInstalled("llamacpp", "llama_cpp", self.alias)) from None
+            raise NotInstalled("llamacpp", "llama_cpp", self.alias) from None
         self._lib = llama_cpp
         self._thread = EngineThread(f"llamacpp-{self.alias}")
         await self._thread.call(self._load_sync)
@@ -160,11 +160,11 @@ class LlamaCppBackend(Backend):
         for i, text in enumerate(inputs):
             n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.llm.n_ctx():
-                raise surface(BadInput(
+                raise BadInput(
                     f"input[{i}] has {n} tokens, more than this model's context of {self.llm.n_ctx()}.",
                     param="input",
                     code="context_length_exceeded",
-                ))
+                )
             tokens.append(n)
         vectors = self.llm.embed(inputs, normalize=True, truncate=False)  # never cut: too long was refused above
         return Embeddings([list(map(float, v)) for v in vectors], tokens)
@@ -404,8 +404,8 @@ def json_grammar(schema: dict) -> str:
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:
-        raise surface(BadInput(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
-                             param="response_format")) from exc
+        raise BadInput(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
+                       param="response_format") from exc
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, TokenLogprob, release_memory
-from .errors import BadInput, NotInstalled, surface
+from .errors import BadInput, NotInstalled
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, top_logprobs
 
@@ -30,7 +30,7 @@ def _import_engine(alias: str):
         import torch
         import transformers
     except ImportError as exc:
-        raise surface(NotInstalled("transformers", exc.name or "transformers", alias)) from None
+        raise NotInstalled("transformers", exc.name or "transformers", alias) from None
     return torch, transformers
 
 
@@ -163,7 +163,7 @@ class TransformersBackend(Backend):
         try:
             return self._grammar_compiler.compile_json_schema(json.dumps(schema))
         except Exception as exc:
-            raise surface(BadInput(f"Cannot constrain output to this JSON schema: {exc}", param="response_format")) from exc
+            raise BadInput(f"Cannot constrain output to this JSON schema: {exc}", param="response_format") from exc
 
     async def embed(self, inputs: list[str]) -> Embeddings:
         return await self._embedder.embed(inputs)
@@ -177,12 +177,12 @@ class TransformersBackend(Backend):
         too_long = [i for i, n in enumerate(lengths) if n > self._ctx]
         if too_long:
             i = too_long[0]
-            raise surface(BadInput(
+            raise BadInput(
                 f"input[{i}] has {lengths[i]} tokens, more than this model's maximum of {self._ctx}; "
                 "shorten or split it.",
                 param="input",
                 code="context_length_exceeded",
-            ))
+            )
         with torch.no_grad():
             hidden = self.model(**batch).last_hidden_state
         if args.pooling == "cls":

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional, Union
 from backends.base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, TokenLogprob, with_stops
 from . import tools
 from .config import Settings
-from .errors import APIError, EngineError, InvalidRequest
+from .errors import APIError, InvalidRequest, internal_error, to_api_error
 from .manager import ModelManager
 from .metrics import RequestMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -74,11 +74,8 @@ class OpenAIOperations:
         async with self.manager.use(alias, EMBEDDINGS) as backend:
             try:
                 result = await backend.embed(req.input)
-            except APIError:
-                raise
             except Exception as exc:
-                log.exception("embedding failed on %s", alias)
-                raise EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}") from exc
+                raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
         data = []
         for i, vec in enumerate(result.vectors):
             emb: Any = vec
@@ -216,13 +213,9 @@ class OpenAIOperations:
                         last = d
             except TimeoutError:
                 raise deadline.error() from None
-        except APIError:
-            metrics.finish("error")
-            raise
         except Exception as exc:
             metrics.finish("error")
-            log.exception("generation failed on %s", alias)
-            raise EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}") from exc
+            raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
         finally:
             await deltas.aclose()
         metrics.finish(last.finish_reason or "stop")
@@ -265,13 +258,9 @@ class OpenAIOperations:
                 raise deadline.error() from None
             if include_usage:
                 yield sse_event({**meta, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-        except APIError as exc:
-            status = "error"
-            yield sse_event(exc.body())
         except Exception as exc:
             status = "error"
-            log.exception("generation failed on %s", meta["model"])
-            yield sse_event(EngineError(f"The {backend.name} engine failed: {type(exc).__name__}: {exc}").body())
+            yield sse_event((to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")).body())
         finally:
             # runs too when the client goes away: closing `deltas` stops the engine's work
             metrics.finish(status)
@@ -315,10 +304,7 @@ class OpenAIOperations:
                     continue
                 if isinstance(d, BaseException):
                     statuses[i] = "error"
-                    err = d if isinstance(d, APIError) else EngineError(
-                        f"The {backend.name} engine failed: {type(d).__name__}: {d}")
-                    if not isinstance(d, APIError):
-                        log.error("generation failed on %s: %r", meta["model"], d)
+                    err = to_api_error(d) or internal_error(d, f"The {backend.name} engine failed.")
                     yield sse_event(err.body())
                     continue
                 counts[i] = d.completion_tokens

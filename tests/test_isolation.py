@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -49,9 +50,20 @@ def text_of(events: list[dict]) -> str:
     return "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
 
 
-def assert_server_error(error: dict, contains: str) -> None:
+def assert_server_error(server, error: dict, logged: str) -> None:
+    """An engine failure as a client sees it: a generic message with an error id, never the
+    exception's text; the log has that text under the id (polled: the line may come a bit later)."""
     assert set(error) == {"message", "type", "param", "code"}, error
-    assert error["type"] == "server_error" and contains in error["message"], error
+    assert error["type"] == "server_error" and logged not in error["message"], error
+    found = re.search(r"error id (err_[0-9a-f]+)", error["message"])
+    assert found, error
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = server.log_path.read_text(errors="replace").splitlines()
+        if any(found.group(1) in line and logged in line for line in lines):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the log has no line with {found.group(1)} and {logged!r}")
 
 
 class Streams:
@@ -115,10 +127,10 @@ def test_a_fault_in_one_request_ends_it_alone_and_the_others_keep_their_greedy_t
     faulted = chat_body(model, PROMPTS[0], seed=FAULT_SEEDS[stage], max_tokens=8)
     events = stream_events(server.url, faulted)
     assert "error" in events[-1], events[-1]
-    assert_server_error(events[-1]["error"], "injected fault")
+    assert_server_error(server, events[-1]["error"], "injected fault")
     plain = http.post("/v1/chat/completions", json=faulted)  # not streamed: a JSON 500
     assert plain.status_code == 500
-    assert_server_error(plain.json()["error"], "injected fault")
+    assert_server_error(server, plain.json()["error"], "injected fault")
     assert [text_of(e) for e in others.join()] == want
     # and it keeps serving: nothing left running, the next request answers
     wait_idle(http, model)
@@ -134,9 +146,10 @@ def test_a_dead_engine_loop_answers_its_requests_at_once_says_why_and_loads_agai
     started = time.monotonic()
     r = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[1], seed=FAULT_SEEDS["loop"], max_tokens=8))
     assert r.status_code == 500
-    assert_server_error(r.json()["error"], "injected fault")
+    assert_server_error(server, r.json()["error"], "injected fault")
     [events] = running.join()
-    assert "error" in events[-1] and events[-1]["error"]["type"] == "server_error", events[-1]
+    assert "error" in events[-1], events[-1]
+    assert_server_error(server, events[-1]["error"], "injected fault")
     assert time.monotonic() - started < 60, "the requests of a dead loop waited"
     row = http.get(f"/models/{model}").json()
     assert row["error"] and "loop stopped" in row["error"], row
@@ -147,6 +160,26 @@ def test_a_dead_engine_loop_answers_its_requests_at_once_says_why_and_loads_agai
         r = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[1]))
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want[1]
     assert http.get(f"/models/{model}").json()["error"] is None
+
+
+UNSERVABLE_SCHEMA = {"type": "json_schema", "json_schema": {
+    "name": "broken", "schema": {"type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}}}
+
+
+@pytest.mark.parametrize("model", GENERATIVE)
+def test_a_schema_the_engine_cannot_constrain_to_is_the_clients_400_naming_the_field(server, http, model):
+    body = chat_body(model, PROMPTS[0], max_tokens=8, response_format=UNSERVABLE_SCHEMA)
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "response_format"), error
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=BOUND) as s:
+        if s.status_code == 400:  # refused before the first byte
+            error = json.loads(s.read())["error"]
+        else:  # or as the stream's error event
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+            error = events[-1]["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "response_format"), error
 
 
 EXTREME = [{"seed": 2**64 + 5}, {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 2},
@@ -190,16 +223,22 @@ def test_llamacpp_embeds_inputs_longer_than_a_batch_whole_and_refuses_longer_tha
 
 
 # -- in process: the error mapping, the sampler's arithmetic, work off the event loop --------------
-def test_engine_errors_become_openai_errors_naming_the_field():
-    from backends.errors import BadInput, EngineFailure, NotInstalled, surface
-    from llmserve.errors import EngineError, EngineNotInstalled, InvalidRequest
+def test_engine_errors_become_openai_errors_naming_the_field_and_failures_hide_their_text(caplog):
+    from backends.errors import BadInput, EngineFailure, NotInstalled
+    from llmserve.errors import APIError, EngineError, EngineNotInstalled, InvalidRequest, to_api_error
 
-    bad = surface(BadInput("too long", param="input", code="context_length_exceeded"))
+    bad = to_api_error(BadInput("too long", param="input", code="context_length_exceeded"))
     assert isinstance(bad, InvalidRequest) and (bad.status, bad.param, bad.code) == (400, "input", "context_length_exceeded")
-    missing = surface(NotInstalled("vllm", "vllm", "big"))
+    missing = to_api_error(NotInstalled("vllm", "vllm", "big"))
     assert isinstance(missing, EngineNotInstalled) and missing.status == 400 and "pip install" in missing.message
-    failed = surface(EngineFailure("boom"))
+    with caplog.at_level("ERROR", logger="llmserve"):
+        failed = to_api_error(EngineFailure("The engine failed.", detail="ValueError: secret-detail-42"))
     assert isinstance(failed, EngineError) and failed.status == 500 and failed.type == "server_error"
+    error_id = re.search(r"error id (err_[0-9a-f]+)", failed.message).group(1)
+    assert "secret-detail-42" not in failed.message
+    assert any(error_id in r.getMessage() and "secret-detail-42" in r.getMessage() for r in caplog.records)
+    same = APIError("as it is", status=409)
+    assert to_api_error(same) is same and to_api_error(ValueError("not an engine's")) is None
 
 
 def test_backends_import_nothing_from_llmserve():
@@ -288,8 +327,8 @@ async def test_vllm_reports_only_stop_and_length_as_finish_reasons(reason, ends)
     from types import SimpleNamespace
 
     from backends.base import SamplingParams
+    from backends.errors import EngineFailure
     from backends.vllm_backend import VllmBackend
-    from llmserve.errors import EngineError
 
     class Engine:  # the shape of AsyncLLM.generate's outputs, ending with ``reason``
         async def generate(self, prompt, params, request_id):
@@ -302,5 +341,5 @@ async def test_vllm_reports_only_stop_and_length_as_finish_reasons(reason, ends)
     if ends:
         assert [d.finish_reason async for d in deltas] == [ends]
     else:  # the engine gave up on the request: an error, never a quiet "stop"
-        with pytest.raises(EngineError, match="abort"):
+        with pytest.raises(EngineFailure, match="abort"):
             [d async for d in deltas]
