@@ -130,7 +130,8 @@ class LlamaCppBackend(Backend):
             info.update(embedding_batches=self._embedder.batches)
         return info
 
-    # -- prompts: the vocabulary is read-only, so tokenizing runs beside the scheduler ------
+    # -- prompts: on the engine thread, beside the scheduler (the vocabulary is read-only) but
+    # never beside an unload freeing the model
     async def encode_chat(self, messages):
         def render():
             try:
@@ -139,10 +140,10 @@ class LlamaCppBackend(Backend):
                 raise template_error(exc) from exc
             return self.model.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
 
-        return await asyncio.to_thread(render)
+        return await self._thread.call(render)
 
     async def encode_text(self, text):
-        return await asyncio.to_thread(self.model.tokenize, text.encode("utf-8"), True, False)
+        return await self._thread.call(self.model.tokenize, text.encode("utf-8"), True, False)
 
     def vocab_size(self) -> int:
         return self._lib.llama_vocab_n_tokens(self.model.vocab)
@@ -263,9 +264,16 @@ class Scheduler(StepLoop):
             raise BadInput(f"llama.cpp refused the sampling settings: {exc}") from exc
 
     def _trim(self, slot: Slot, keep: int, request: StepRequest) -> bool:
-        """Removes the slot's cached tokens from ``keep`` on; False when the cache cannot."""
+        """Removes the slot's cached tokens from ``keep`` on; False when the cache cannot, or
+        when a sliding window has already dropped entries the first ``keep`` need (the check
+        llama.cpp's server makes before it reuses a slot's prompt)."""
         if self._faults is not None and self._faults.hits("trim", request.params.seed):
             return False
+        if keep > 0:
+            pos_min = self.lib.llama_memory_seq_pos_min(self.ctx.memory, slot.seq)
+            n_swa = max(1, self.lib.llama_model_n_swa(self.model.model))
+            if pos_min < 0 or pos_min > max(0, keep - n_swa):
+                return False
         return bool(self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, keep, -1))
 
     def _step(self) -> None:
@@ -391,6 +399,9 @@ class Scheduler(StepLoop):
 
     def _token_bytes(self, token: int) -> bytes:
         n = self.lib.llama_token_to_piece(self.model.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:  # a piece longer than the buffer: llama.cpp says how long; a bigger buffer from now on
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.model.vocab, token, self._piece, len(self._piece), 0, False)
         return self._piece.raw[: max(n, 0)]
 
 

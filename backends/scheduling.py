@@ -156,8 +156,13 @@ class StepLoop(abc.ABC):
         if self.failure is not None or self._closed:  # nothing would ever answer: not queued, not counted
             raise EngineFailure("The engine cannot serve this request now.",
                                 detail=self.failure or "the model was unloaded")
-        request = StepRequest(list(prompt), params, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
-                              extra)
+        def emit(item) -> None:
+            try:
+                loop.call_soon_threadsafe(deltas.put_nowait, item)
+            except RuntimeError:  # its event loop is closed: nobody is left to answer
+                request.cancelled = True
+
+        request = StepRequest(list(prompt), params, emit, extra)
         self._pending.put(request)
         if self.failure is not None or self._closed:  # it closed or died while this was queued
             self._answer_pending(EngineFailure("The engine cannot serve this request now.",

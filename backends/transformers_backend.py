@@ -281,7 +281,11 @@ class BatchLoop(StepLoop):
                     continue
                 budget -= used
                 if token is not None:
-                    self._join(row, token)
+                    try:
+                        self._join(row, token)
+                    except Exception as exc:  # in neither list now: answered here; the batch's cache
+                        row.request.fail(exc)  # may be half-joined, so the batch fails too
+                        raise
             if self.rows:
                 self._decode()
 

@@ -343,3 +343,133 @@ async def test_vllm_reports_only_stop_and_length_as_finish_reasons(reason, ends)
     else:  # the engine gave up on the request: an error, never a quiet "stop"
         with pytest.raises(EngineFailure, match="abort"):
             [d async for d in deltas]
+
+
+class _ToyLoop:
+    """A StepLoop with no engine: ``die`` makes its thread stop at the first request."""
+
+    @staticmethod
+    def make(die: bool = False):
+        from backends.scheduling import StepLoop
+
+        class Toy(StepLoop):
+            def __init__(self):
+                super().__init__("toy-loop")
+                self._thread.start()
+
+            def running(self):
+                return 0
+
+            def _drop_cancelled(self):
+                pass
+
+            def _admit(self):
+                if die and self._waiting:
+                    raise KeyboardInterrupt("the loop dies")
+
+            def _step(self):
+                pass
+
+            def _fail_running(self, error):
+                pass
+
+        return Toy()
+
+
+async def test_a_closed_or_dead_step_loop_answers_new_requests_at_once_and_counts_none():
+    from backends.base import SamplingParams
+    from backends.errors import EngineFailure
+
+    closed = _ToyLoop.make()
+    await asyncio.to_thread(closed.close)
+    with pytest.raises(EngineFailure):
+        await asyncio.wait_for(closed.stream([1], SamplingParams(max_tokens=1)).__anext__(), 5)
+    assert closed.busy() == 0
+    dead = _ToyLoop.make(die=True)
+    with pytest.raises(EngineFailure):  # the request that was there when it died
+        await asyncio.wait_for(dead.stream([1], SamplingParams(max_tokens=1)).__anext__(), 5)
+    for _ in range(3):
+        with pytest.raises(EngineFailure):
+            await asyncio.wait_for(dead.stream([1], SamplingParams(max_tokens=1)).__anext__(), 5)
+    assert dead.busy() == 0 and dead.failure and "the loop dies" in dead.failure
+
+
+def test_a_request_whose_join_into_the_batch_fails_is_answered_with_the_batch():
+    import torch
+
+    from backends.base import SamplingParams
+    from backends.errors import EngineFailure
+    from backends.scheduling import StepRequest
+    from backends.transformers_backend import BatchLoop, _Row
+
+    loop = object.__new__(BatchLoop)
+    loop.torch, loop.rows, loop.next_tokens, loop.cache, loop.mask, loop.prefill_chunk = torch, [], [], None, None, 8
+    got = []
+    row = _Row(StepRequest([1, 2], SamplingParams(max_tokens=4), got.append), None, None)
+    loop.prefilling = [row]
+
+    def prefill(r, budget):
+        loop.prefilling.remove(r)
+        return 2, 7
+
+    def join(r, token):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    loop._prefill_chunk, loop._join = prefill, join
+    with pytest.raises(torch.OutOfMemoryError):  # what the loop catches: the batch fails
+        loop._step()
+    assert len(got) == 1 and isinstance(got[0], EngineFailure) and "OutOfMemoryError" in got[0].detail
+
+
+class _FakeLlama:
+    """The llama.cpp calls a slot's trim and a token's piece make, with the answers a test sets."""
+
+    def __init__(self, pos_min=0, n_swa=0, piece=b""):
+        self.pos_min, self.n_swa, self.piece, self.removed = pos_min, n_swa, piece, []
+
+    def llama_memory_seq_pos_min(self, memory, seq):
+        return self.pos_min
+
+    def llama_model_n_swa(self, model):
+        return self.n_swa
+
+    def llama_memory_seq_rm(self, memory, seq, p0, p1):
+        self.removed.append((p0, p1))
+        return True
+
+    def llama_token_to_piece(self, vocab, token, buf, length, lstrip, special):
+        if length < len(self.piece):
+            return -len(self.piece)
+        buf.raw = self.piece.ljust(length, b"\0")[:length]
+        return len(self.piece)
+
+
+def _scheduler(lib):
+    import ctypes
+    from types import SimpleNamespace
+
+    from backends.llamacpp_backend import Scheduler
+
+    s = object.__new__(Scheduler)
+    s.lib, s._faults, s._piece = lib, None, ctypes.create_string_buffer(256)
+    s.ctx, s.model = SimpleNamespace(memory=None), SimpleNamespace(model=None, vocab=None)
+    return s
+
+
+@pytest.mark.parametrize("pos_min,n_swa,reused", [(0, 0, True), (0, 64, True), (200, 64, False), (100, 64, True),
+                                                  (-1, 0, False)])
+def test_a_slot_whose_sliding_window_dropped_the_kept_prefix_is_prefilled_again(pos_min, n_swa, reused):
+    from backends.base import SamplingParams
+    from backends.llamacpp_backend import Slot
+    from backends.scheduling import StepRequest
+
+    lib = _FakeLlama(pos_min=pos_min, n_swa=n_swa)
+    request = StepRequest(list(range(300)), SamplingParams(max_tokens=1), lambda item: None)
+    # keeping 200 cached tokens needs positions from 200 - n_swa on (llama.cpp's server's test)
+    assert _scheduler(lib)._trim(Slot(seq=0), 200, request) is reused
+    assert lib.removed == ([(200, -1)] if reused else [])
+
+
+def test_a_token_piece_longer_than_the_buffer_comes_whole():
+    long_piece = "·".encode() * 300  # 600 bytes: more than the 256-byte buffer
+    assert _scheduler(_FakeLlama(piece=long_piece))._token_bytes(5) == long_piece
