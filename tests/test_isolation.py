@@ -93,14 +93,45 @@ class Streams:
         return self.events
 
 
-_alone: dict[str, list[str]] = {}
+# Greedy text depends on the shape of the batch it was computed in (kernels and padding differ
+# with the batch size), so each comparison is with a baseline of the same shape.
+_together: dict[str, list[str]] = {}
+_beside_one_token: dict[str, list[str]] = {}
+_alone: dict[tuple[str, str], str] = {}
 
 
 def greedy_texts(url: str, model: str) -> list[str]:
     """The two prompts' greedy answers, run together without any fault (once per model)."""
-    if model not in _alone:
-        _alone[model] = [text_of(e) for e in Streams(url, [chat_body(model, p) for p in PROMPTS]).join()]
-    return _alone[model]
+    if model not in _together:
+        _together[model] = [text_of(e) for e in Streams(url, [chat_body(model, p) for p in PROMPTS]).join()]
+    return _together[model]
+
+
+def run_beside(url: str, http, model: str, body: dict):
+    """The two greedy streams' events while ``body`` is sent beside them, streamed and then not."""
+    others = Streams(url, [chat_body(model, p) for p in PROMPTS])
+    others.wait_streaming()
+    streamed = stream_events(url, body)
+    plain = http.post("/v1/chat/completions", json=body)
+    return others.join(), streamed, plain
+
+
+def greedy_beside_one_token(url: str, http, model: str) -> list[str]:
+    """The baseline of a request that fails at its first token: the two streams while a request
+    of the same prompt runs to one token beside them (its prompt shares their batch too)."""
+    if model not in _beside_one_token:
+        events, _, _ = run_beside(url, http, model, chat_body(model, PROMPTS[0], max_tokens=1))
+        _beside_one_token[model] = [text_of(e) for e in events]
+    return _beside_one_token[model]
+
+
+def greedy_alone(http, model: str, prompt: str) -> str:
+    """One prompt's greedy answer, run alone (once per model)."""
+    if (model, prompt) not in _alone:
+        r = http.post("/v1/chat/completions", json=chat_body(model, prompt))
+        assert r.status_code == 200, r.text
+        _alone[model, prompt] = r.json()["choices"][0]["message"]["content"]
+    return _alone[model, prompt]
 
 
 def wait_idle(http, model: str) -> None:
@@ -121,26 +152,25 @@ def model(request):
 def test_a_fault_in_one_request_ends_it_alone_and_the_others_keep_their_greedy_text(server, http, model, stage):
     if model == "smollm2-vllm" and stage == "sample":
         pytest.skip("vLLM samples in its engine core; its per-request path here is admit and the output")
-    want = greedy_texts(server.url, model)
-    others = Streams(server.url, [chat_body(model, p) for p in PROMPTS])
-    others.wait_streaming()
+    # a fault at admission keeps the request out of the batch; later, its prompt was in it
+    want = greedy_texts(server.url, model) if stage == "admit" else greedy_beside_one_token(server.url, http, model)
+    alone = greedy_alone(http, model, PROMPTS[1])
     faulted = chat_body(model, PROMPTS[0], seed=FAULT_SEEDS[stage], max_tokens=8)
-    events = stream_events(server.url, faulted)
+    others, events, plain = run_beside(server.url, http, model, faulted)
     assert "error" in events[-1], events[-1]
     assert_server_error(server, events[-1]["error"], "injected fault")
-    plain = http.post("/v1/chat/completions", json=faulted)  # not streamed: a JSON 500
-    assert plain.status_code == 500
+    assert plain.status_code == 500  # not streamed: a JSON 500
     assert_server_error(server, plain.json()["error"], "injected fault")
-    assert [text_of(e) for e in others.join()] == want
+    assert [text_of(e) for e in others] == want
     # and it keeps serving: nothing left running, the next request answers
     wait_idle(http, model)
     again = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[1]))
-    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == want[1]
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == alone
 
 
 @pytest.mark.parametrize("model", GENERATIVE)
 def test_a_dead_engine_loop_answers_its_requests_at_once_says_why_and_loads_again(server, http, model):
-    want = greedy_texts(server.url, model)
+    alone = greedy_alone(http, model, PROMPTS[1])
     running = Streams(server.url, [chat_body(model, PROMPTS[0], max_tokens=400, ignore_eos=True)])
     running.wait_streaming()
     started = time.monotonic()
@@ -158,7 +188,7 @@ def test_a_dead_engine_loop_answers_its_requests_at_once_says_why_and_loads_agai
         assert f"/models/{model}/load" in r.json()["error"]["message"]
         assert http.post(f"/models/{model}/load", timeout=600).status_code == 200
         r = http.post("/v1/chat/completions", json=chat_body(model, PROMPTS[1]))
-    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want[1]
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == alone
     assert http.get(f"/models/{model}").json()["error"] is None
 
 
@@ -187,7 +217,6 @@ EXTREME = [{"seed": 2**64 + 5}, {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 2},
 
 
 def test_extreme_seeds_and_temperatures_are_served_beside_greedy_streams(server, http, model):
-    want = greedy_texts(server.url, model)
     others = Streams(server.url, [chat_body(model, p) for p in PROMPTS])
     others.wait_streaming()
     for fields in EXTREME:
@@ -197,7 +226,9 @@ def test_extreme_seeds_and_temperatures_are_served_beside_greedy_streams(server,
             assert r.json()["error"]["param"] in fields, (fields, r.json())
         else:
             assert r.status_code == 200, (fields, r.text)
-    assert [text_of(e) for e in others.join()] == want
+    # they shared the streams' batch (so no greedy text to compare): each stream ends, no error
+    for events in others.join():
+        assert text_of(events) and events[-1]["choices"][0]["finish_reason"] in ("stop", "length"), events[-1]
 
 
 def test_a_slot_cache_that_cannot_be_trimmed_is_prefilled_again_and_answers_the_same(server, http):
@@ -207,7 +238,10 @@ def test_a_slot_cache_that_cannot_be_trimmed_is_prefilled_again_and_answers_the_
     # same prompt: the slot holding it is reused, and its trim "fails" for this seed
     again = http.post("/v1/chat/completions", json={**body, "seed": FAULT_SEEDS["trim"]})
     assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == first
-    assert "cannot drop the tail of its cached tokens" in server.log_path.read_text(errors="replace")[log_before:]
+    deadline = time.monotonic() + 30  # the log line may reach the file a moment after the answer
+    while "cannot drop the tail of its cached tokens" not in server.log_path.read_text(errors="replace")[log_before:]:
+        assert time.monotonic() < deadline, "the re-prefill was not logged"
+        time.sleep(0.2)
 
 
 def test_llamacpp_embeds_inputs_longer_than_a_batch_whole_and_refuses_longer_than_its_context(http):
