@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import logging
 import os
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -149,8 +150,16 @@ class LlamaCppBackend(Backend):
         return self._lib.llama_vocab_n_tokens(self.model.vocab)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        grammar = json_grammar(params.json_schema) if params.json_schema is not None else None
-        return self.scheduler.stream(prompt_ids, params, grammar)
+        if params.json_schema is None:
+            return self.scheduler.stream(prompt_ids, params)
+        return self._constrained(prompt_ids, params)
+
+    async def _constrained(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        # a schema's grammar is built on the engine thread: a large schema never stalls the loop
+        grammar = await self._thread.call(json_grammar, params.json_schema)
+        async with aclosing(self.scheduler.stream(prompt_ids, params, grammar)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     # -- embeddings ---------------------------------------------------------------------------
     async def embed(self, inputs: list[str]) -> Embeddings:
@@ -239,7 +248,8 @@ class Scheduler(StepLoop):
             request = self._waiting.pop(0)
             slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt))
             try:
-                self._fault("admit", request)
+                if self._faults is not None:
+                    self._faults.check("admit", request.params.seed)
                 self._start(slot, request)
             except Exception as exc:  # this request's settings only: the others go on
                 if slot.request is request:
@@ -321,7 +331,8 @@ class Scheduler(StepLoop):
                 request.fail(exc)
 
     def _sample(self, slot: Slot, index: int) -> None:
-        self._fault("sample", slot.request)
+        if self._faults is not None:
+            self._faults.check("sample", slot.request.params.seed)
         k = slot.request.params.logprobs
         # the model's own distribution, read before the sampler chain changes the logits
         logprobs = self._logprobs(index) if k is not None else None
@@ -343,7 +354,8 @@ class Scheduler(StepLoop):
             request.emit(Delta("", n, "stop"))
             self._release(slot)
             return
-        self._fault("detokenize", request)
+        if self._faults is not None:
+            self._faults.check("detokenize", params.seed)
         text = slot.detok.add(self._token_bytes(token))
         if n >= params.max_tokens or len(slot.cached) >= self.n_ctx_seq:
             request.emit(Delta(text, n, "length", logprobs))

@@ -239,10 +239,6 @@ class StepLoop(abc.ABC):
             log.exception("%s: ending its running requests failed", self._thread.name)
         self._answer_pending(error)
 
-    def _fault(self, stage: str, request: StepRequest) -> None:
-        if self._faults is not None:
-            self._faults.check(stage, request.params.seed)
-
     def _take_pending(self, block: bool) -> None:
         try:
             item = self._pending.get(block=block)

@@ -248,7 +248,8 @@ class BatchLoop(StepLoop):
         while self._waiting and self.running() < self.max_batch:
             request = self._waiting.pop(0)
             try:
-                self._fault("admit", request)
+                if self._faults is not None:
+                    self._faults.check("admit", request.params.seed)
                 row = self._row(request)
             except Exception as exc:  # this request's settings only: the others go on
                 request.fail(exc)
@@ -353,7 +354,8 @@ class BatchLoop(StepLoop):
         if token in self.eos and not params.ignore_eos:
             row.request.emit(Delta("", n, "stop"))
             return False
-        self._fault("detokenize", row.request)
+        if self._faults is not None:
+            self._faults.check("detokenize", params.seed)
         text = row.detok.add(token)
         if n >= params.max_tokens:
             row.request.emit(Delta(text, n, "length", row.logprobs))
@@ -363,7 +365,8 @@ class BatchLoop(StepLoop):
 
     def _sample_one(self, logits, row: _Row, greedy: Optional[int]) -> int:
         """The next token of one row from its logits (``greedy``: the batch's argmax for it)."""
-        self._fault("sample", row.request)
+        if self._faults is not None:
+            self._faults.check("sample", row.request.params.seed)
         p = row.request.params
         if greedy is not None and p.greedy() and not p.features() and row.matcher is None:
             return greedy  # plain greedy: the batch's argmax
