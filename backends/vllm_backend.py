@@ -178,6 +178,11 @@ class VllmBackend(Backend):
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        try:  # what newer vLLM raises for values it refuses (not a ValueError)
+            from vllm.exceptions import VLLMClientError as Refused
+        except ImportError:
+            Refused = ValueError
+
         try:
             return VSamplingParams(
                 max_tokens=params.max_tokens,
@@ -198,8 +203,8 @@ class VllmBackend(Backend):
                     json=params.json_schema),
                 output_kind=RequestOutputKind.DELTA,
             )
-        except (TypeError, ValueError) as exc:
-            raise BadInput(f"vLLM refused the sampling settings: {exc}") from exc
+        except (TypeError, ValueError, Refused) as exc:
+            raise BadInput(f"vLLM refused the sampling settings: {exc}", param=getattr(exc, "parameter", None)) from exc
 
     def _token_logprob(self, token: int, top: dict, k: int) -> TokenLogprob:
         """vLLM's position logprobs (token id -> Logprob, the chosen one included) in our shape."""

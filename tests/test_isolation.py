@@ -507,3 +507,15 @@ def test_a_slot_whose_sliding_window_dropped_the_kept_prefix_is_prefilled_again(
 def test_a_token_piece_longer_than_the_buffer_comes_whole():
     long_piece = "·".encode() * 300  # 600 bytes: more than the 256-byte buffer
     assert _scheduler(_FakeLlama(piece=long_piece))._token_bytes(5) == long_piece
+
+
+def test_vllm_refuses_sampling_settings_when_asked_not_at_the_first_token():
+    from backends.base import SamplingParams
+    from backends.errors import BadInput
+    from backends.vllm_backend import VllmBackend
+
+    backend = object.__new__(VllmBackend)
+    backend.engine, backend._faults = None, None
+    with pytest.raises(BadInput) as refused:  # raised by the call, before a stream could send its first byte
+        backend.generate([1, 2], SamplingParams(max_tokens=4, top_k=-5))
+    assert refused.value.param in (None, "top_k")  # named where the installed vLLM names it
