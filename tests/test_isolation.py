@@ -212,6 +212,15 @@ def test_a_schema_the_engine_cannot_constrain_to_is_the_clients_400_naming_the_f
     assert (error["type"], error["param"]) == ("invalid_request_error", "response_format"), error
 
 
+@pytest.mark.parametrize("model", GENERATIVE)
+def test_the_responses_api_names_its_own_field_for_a_schema_the_engine_cannot_constrain_to(http, model):
+    fmt = {"type": "json_schema", "name": "broken", "schema": UNSERVABLE_SCHEMA["json_schema"]["schema"]}
+    r = http.post("/v1/responses", json={"model": model, "input": PROMPTS[0], "max_output_tokens": 16,
+                                         "text": {"format": fmt}})
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["type"], r.json()["error"]["param"]) == ("invalid_request_error", "text.format")
+
+
 EXTREME = [{"seed": 2**64 + 5}, {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 2},
            {"temperature": 1e-30, "seed": 1}, {"temperature": 1e-30, "top_p": 1e-9}]
 
