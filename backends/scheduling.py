@@ -156,6 +156,7 @@ class StepLoop(abc.ABC):
         if self.failure is not None or self._closed:  # nothing would ever answer: not queued, not counted
             raise EngineFailure("The engine cannot serve this request now.",
                                 detail=self.failure or "the model was unloaded")
+
         def emit(item) -> None:
             try:
                 loop.call_soon_threadsafe(deltas.put_nowait, item)
