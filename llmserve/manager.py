@@ -143,7 +143,7 @@ class ModelManager:
                 backend = make_backend(alias, cfg)
                 log.info("loading %s (%s) ...", alias, backend.name)
                 await backend.load()
-            except (APIError, engine_errors.EngineError) as exc:  # the configuration's mistake: one line, no stack trace
+            except (APIError, engine_errors.EngineError) as exc:  # the configuration's mistake: one line
                 err = to_api_error(exc)
                 self.errors[alias] = err.message
                 log.error("loading %s failed: %s", alias, err.message)

@@ -271,7 +271,8 @@ def test_engine_errors_become_openai_errors_naming_the_field_and_failures_hide_t
     from llmserve.errors import APIError, EngineError, EngineNotInstalled, InvalidRequest, to_api_error
 
     bad = to_api_error(BadInput("too long", param="input", code="context_length_exceeded"))
-    assert isinstance(bad, InvalidRequest) and (bad.status, bad.param, bad.code) == (400, "input", "context_length_exceeded")
+    assert isinstance(bad, InvalidRequest)
+    assert (bad.status, bad.param, bad.code) == (400, "input", "context_length_exceeded")
     missing = to_api_error(NotInstalled("vllm", "vllm", "big"))
     assert isinstance(missing, EngineNotInstalled) and missing.status == 400 and "pip install" in missing.message
     with caplog.at_level("ERROR", logger="llmserve"):
