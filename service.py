@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from llmserve.config import load_settings
-from llmserve.errors import APIError
+from llmserve.errors import to_api_error
 from llmserve.routes import BodyLimit, ByteOrderMark, ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
 from llmserve.runtime import Runtime
 from llmserve.responses_schemas import ResponsesRequest
@@ -47,8 +47,11 @@ def openai_api(input_spec):
 async def as_response(make) -> Response:
     try:
         result = await make()
-    except APIError as exc:
-        return error_response(exc)  # a 429 keeps its Retry-After here too
+    except Exception as exc:
+        err = to_api_error(exc)
+        if err is None:
+            raise
+        return error_response(err)  # a 429 keeps its Retry-After here too
     return JSONResponse(result) if isinstance(result, dict) else respond(result)
 
 

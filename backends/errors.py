@@ -1,19 +1,20 @@
 """What an engine raises, in its own terms: the client's input it cannot serve (naming the
 field), its own failure, or its engine missing. The front end decides how each one looks to a
-client (llmserve/errors.py maps them to OpenAI's errors and registers that mapping here, with
-``set_translation``, so every error an engine raises is already the front end's own)."""
+client (llmserve/errors.py maps them to OpenAI's errors where it catches them)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 
 class EngineError(Exception):
-    """Base of the errors below: a message, the request field at fault, a short code."""
+    """Base of the errors below: a message for the client, the request field at fault, a short
+    code, and ``detail``: what went wrong inside (for the log, never shown to a client)."""
 
-    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
+    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 detail: Optional[str] = None):
+        super().__init__(message if detail is None else f"{message} ({detail})")
+        self.message, self.param, self.code, self.detail = message, param, code, detail
 
 
 class BadInput(EngineError):
@@ -31,17 +32,3 @@ class NotInstalled(EngineFailure):
         super().__init__(f"Model {alias!r} needs the {backend} engine, but the Python module {module!r} is not "
                          "installed.", param="model", code="engine_not_installed")
         self.backend, self.module, self.alias = backend, module, alias
-
-
-_translate: Callable[[EngineError], Exception] = lambda exc: exc
-
-
-def set_translation(translate: Callable[[EngineError], Exception]) -> None:
-    """How the front end wants engine errors to look (called once, by the front end)."""
-    global _translate
-    _translate = translate
-
-
-def surface(exc: EngineError) -> Exception:
-    """``exc`` as the front end shows it: ``raise surface(BadInput(...))``."""
-    return _translate(exc)

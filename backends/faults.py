@@ -11,8 +11,11 @@ Engines hold ``None`` when it is off, so the serving path pays one ``is not None
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable, Optional
+
+log = logging.getLogger("llmserve")
 
 STAGES = ("admit", "sample", "detokenize", "loop", "trim")
 
@@ -48,4 +51,6 @@ def from_env() -> Optional[Faults]:
         if stage not in STAGES:
             raise ValueError(f"LLMSERVE_FAULTS: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         seeds[int(seed)] = stage
+    log.warning("LLMSERVE_FAULTS is set: requests with seeds %s fail on purpose (a test setting; unset it to "
+                "serve)", ", ".join(f"{seed} ({stage})" for seed, stage in seeds.items()))
     return Faults(seeds)

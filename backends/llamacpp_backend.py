@@ -18,13 +18,14 @@ import asyncio
 import ctypes
 import logging
 import os
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, release_memory
 from .convert import gguf_requantize
 from .grammar import gbnf
-from .errors import BadInput, NotInstalled, surface
+from .errors import BadInput, NotInstalled
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import ByteDetokenizer, log_softmax, template_error, top_logprobs
 
@@ -47,7 +48,7 @@ class LlamaCppBackend(Backend):
         try:
             import llama_cpp
         except ImportError:
-            raise surface(NotInstalled("llamacpp", "llama_cpp", self.alias)) from None
+            raise NotInstalled("llamacpp", "llama_cpp", self.alias) from None
         self._lib = llama_cpp
         self._thread = EngineThread(f"llamacpp-{self.alias}")
         await self._thread.call(self._load_sync)
@@ -123,7 +124,8 @@ class LlamaCppBackend(Backend):
             info.update(embedding_batches=self._embedder.batches)
         return info
 
-    # -- prompts: the vocabulary is read-only, so tokenizing runs beside the scheduler ------
+    # -- prompts: on the engine thread, beside the scheduler (the vocabulary is read-only) but
+    # never beside an unload freeing the model
     def chat_template(self):
         return self._template
 
@@ -149,25 +151,35 @@ class LlamaCppBackend(Backend):
                 raise template_error(exc) from exc
             return self.model.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
 
-        return await asyncio.to_thread(render)
+        return await self._thread.call(render)
 
     async def encode_text(self, text):
-        return await asyncio.to_thread(self.model.tokenize, text.encode("utf-8"), True, False)
+        return await self._thread.call(self.model.tokenize, text.encode("utf-8"), True, False)
 
     def vocab_size(self) -> int:
         return self._lib.llama_vocab_n_tokens(self.model.vocab)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        grammar = None
-        if params.tool_grammar is not None:
-            try:
-                grammar = gbnf(params.tool_grammar)
-            except Exception as exc:
-                raise surface(BadInput(f"llama.cpp cannot constrain output to these tools' schemas: {exc}",
-                                       param="tools")) from exc
-        elif params.json_schema is not None:
-            grammar = json_grammar(params.json_schema)
-        return self.scheduler.stream(prompt_ids, params, grammar)
+        if params.json_schema is None and params.tool_grammar is None:
+            return self.scheduler.stream(prompt_ids, params)
+        return self._constrained(prompt_ids, params)
+
+    async def _constrained(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        # a grammar is built on the engine thread: a large schema never stalls the loop
+        grammar = await self._thread.call(self._grammar, params)
+        async with aclosing(self.scheduler.stream(prompt_ids, params, grammar)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    @staticmethod
+    def _grammar(params: SamplingParams):
+        """The GBNF grammar of the request's tool calls or JSON schema."""
+        if params.tool_grammar is None:
+            return json_grammar(params.json_schema)
+        try:
+            return gbnf(params.tool_grammar)
+        except Exception as exc:
+            raise BadInput(f"llama.cpp cannot constrain output to these tools' schemas: {exc}", param="tools") from exc
 
     # -- embeddings ---------------------------------------------------------------------------
     async def embed(self, inputs: list[str]) -> Embeddings:
@@ -178,11 +190,11 @@ class LlamaCppBackend(Backend):
         for i, text in enumerate(inputs):
             n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.llm.n_ctx():
-                raise surface(BadInput(
+                raise BadInput(
                     f"input[{i}] has {n} tokens, more than this model's context of {self.llm.n_ctx()}.",
                     param="input",
                     code="context_length_exceeded",
-                ))
+                )
             tokens.append(n)
         vectors = self.llm.embed(inputs, normalize=True, truncate=False)  # never cut: too long was refused above
         return Embeddings([list(map(float, v)) for v in vectors], tokens)
@@ -256,7 +268,8 @@ class Scheduler(StepLoop):
             request = self._waiting.pop(0)
             slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt))
             try:
-                self._fault("admit", request)
+                if self._faults is not None:
+                    self._faults.check("admit", request.params.seed)
                 self._start(slot, request)
             except Exception as exc:  # this request's settings only: the others go on
                 if slot.request is request:
@@ -281,9 +294,16 @@ class Scheduler(StepLoop):
             raise BadInput(f"llama.cpp refused the sampling settings: {exc}") from exc
 
     def _trim(self, slot: Slot, keep: int, request: StepRequest) -> bool:
-        """Removes the slot's cached tokens from ``keep`` on; False when the cache cannot."""
+        """Removes the slot's cached tokens from ``keep`` on; False when the cache cannot, or
+        when a sliding window has already dropped entries the first ``keep`` need (the check
+        llama.cpp's server makes before it reuses a slot's prompt)."""
         if self._faults is not None and self._faults.hits("trim", request.params.seed):
             return False
+        if keep > 0:
+            pos_min = self.lib.llama_memory_seq_pos_min(self.ctx.memory, slot.seq)
+            n_swa = max(1, self.lib.llama_model_n_swa(self.model.model))
+            if pos_min < 0 or pos_min > max(0, keep - n_swa):
+                return False
         return bool(self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, keep, -1))
 
     def _step(self) -> None:
@@ -331,7 +351,8 @@ class Scheduler(StepLoop):
                 request.fail(exc)
 
     def _sample(self, slot: Slot, index: int) -> None:
-        self._fault("sample", slot.request)
+        if self._faults is not None:
+            self._faults.check("sample", slot.request.params.seed)
         k = slot.request.params.logprobs
         # the model's own distribution, read before the sampler chain changes the logits
         logprobs = self._logprobs(index) if k is not None else None
@@ -353,7 +374,8 @@ class Scheduler(StepLoop):
             request.emit(Delta("", n, "stop"))
             self._release(slot)
             return
-        self._fault("detokenize", request)
+        if self._faults is not None:
+            self._faults.check("detokenize", params.seed)
         text = slot.detok.add(self._token_bytes(token))
         if n >= params.max_tokens or len(slot.cached) >= self.n_ctx_seq:
             request.emit(Delta(text, n, "length", logprobs))
@@ -409,6 +431,9 @@ class Scheduler(StepLoop):
 
     def _token_bytes(self, token: int) -> bytes:
         n = self.lib.llama_token_to_piece(self.model.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:  # a piece longer than the buffer: llama.cpp says how long; a bigger buffer from now on
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.model.vocab, token, self._piece, len(self._piece), 0, False)
         return self._piece.raw[: max(n, 0)]
 
 
@@ -422,8 +447,8 @@ def json_grammar(schema: dict) -> str:
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:
-        raise surface(BadInput(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
-                             param="response_format")) from exc
+        raise BadInput(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
+                       param="response_format") from exc
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from . import faults
 from .base import Delta, Embeddings, SamplingParams
-from .errors import EngineError, EngineFailure, surface
+from .errors import EngineError, EngineFailure
 
 log = logging.getLogger("llmserve")
 
@@ -93,11 +93,11 @@ class StepRequest:
     cancelled: bool = False
 
     def fail(self, exc: Exception) -> None:
-        """Ends this request alone with ``exc``: a neutral engine error as the front end shows
-        it, anything else as this request's engine failure."""
+        """Ends this request alone with ``exc``: a neutral engine error as it is (a BadInput
+        stays the client's mistake), anything else as this request's engine failure."""
         if not isinstance(exc, EngineError):
-            exc = EngineFailure(f"The engine failed on this request: {type(exc).__name__}: {exc}")
-        self.emit(surface(exc))
+            exc = EngineFailure("The engine failed on this request.", detail=f"{type(exc).__name__}: {exc}")
+        self.emit(exc)
 
 
 class StepLoop(abc.ABC):
@@ -153,14 +153,23 @@ class StepLoop(abc.ABC):
     async def stream(self, prompt: list[int], params: SamplingParams, extra: Any = None) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
-        request = StepRequest(list(prompt), params, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
-                              extra)
+        if self.failure is not None or self._closed:  # nothing would ever answer: not queued, not counted
+            raise EngineFailure("The engine cannot serve this request now.",
+                                detail=self.failure or "the model was unloaded")
+
+        def emit(item) -> None:
+            try:
+                loop.call_soon_threadsafe(deltas.put_nowait, item)
+            except RuntimeError:  # its event loop is closed: nobody is left to answer
+                request.cancelled = True
+
+        request = StepRequest(list(prompt), params, emit, extra)
         self._pending.put(request)
+        if self.failure is not None or self._closed:  # it closed or died while this was queued
+            self._answer_pending(EngineFailure("The engine cannot serve this request now.",
+                                               detail=self.failure or "the model was unloaded"))
         finished = False
         try:
-            if self.failure is not None:  # the loop is gone: nothing would ever answer
-                finished = True
-                raise surface(EngineFailure(f"The engine cannot serve: {self.failure}."))
             while True:
                 item = await deltas.get()
                 if isinstance(item, BaseException):
@@ -185,12 +194,17 @@ class StepLoop(abc.ABC):
         self._closed = True
         self._pending.put(None)
         self._thread.join()
-        self._fail_running(surface(EngineFailure("The model was unloaded while this request ran.")))
-        self._take_pending(block=False)
-        for request in self._waiting:
-            request.emit(surface(EngineFailure("The model was unloaded before this request started.")))
-        self._waiting = []
+        self._fail_running(EngineFailure("The model was unloaded while this request ran."))
+        self._answer_pending(EngineFailure("The model was unloaded before this request started."))
         self._free()
+
+    def _answer_pending(self, error: EngineError) -> None:
+        """Answers every request not admitted (queued or waiting) with ``error``: for a loop
+        that will not take them any more. Safe from any thread: each request leaves the queue once."""
+        self._take_pending(block=False)
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            request.emit(error)
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -213,24 +227,18 @@ class StepLoop(abc.ABC):
                 self._step()
             except Exception as exc:  # a forward pass failed: its batch ends, the loop goes on
                 log.exception("%s: a step failed", self._thread.name)
-                self._fail_running(surface(EngineFailure(f"The engine failed: {type(exc).__name__}: {exc}")))
+                self._fail_running(EngineFailure("The engine failed on the batch this request was in.",
+                                                 detail=f"{type(exc).__name__}: {exc}"))
 
     def _died(self, exc: BaseException) -> None:
         log.error("%s stopped: %s: %s", self._thread.name, type(exc).__name__, exc, exc_info=exc)
         self.failure = f"its engine loop stopped ({type(exc).__name__}: {exc})"
-        error = surface(EngineFailure(f"The engine stopped: {type(exc).__name__}: {exc}"))
+        error = EngineFailure("The engine stopped.", detail=f"{type(exc).__name__}: {exc}")
         try:
             self._fail_running(error)
         except Exception:  # noqa: BLE001 - the batch state may be what broke; answer the rest
             log.exception("%s: ending its running requests failed", self._thread.name)
-        self._take_pending(block=False)
-        for request in self._waiting:
-            request.emit(error)
-        self._waiting = []
-
-    def _fault(self, stage: str, request: StepRequest) -> None:
-        if self._faults is not None:
-            self._faults.check(stage, request.params.seed)
+        self._answer_pending(error)
 
     def _take_pending(self, block: bool) -> None:
         try:

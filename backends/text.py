@@ -9,12 +9,12 @@ import re
 from typing import AsyncIterator, Callable, Optional
 
 from .base import Delta, TokenLogprob
-from .errors import BadInput, surface
+from .errors import BadInput
 
 
 def template_error(exc: Exception):
     """A chat template refusing the messages (e.g. roles out of order) is the client's 400."""
-    return surface(BadInput(f"The model's chat template rejected these messages: {exc}", param="messages"))
+    return BadInput(f"The model's chat template rejected these messages: {exc}", param="messages")
 
 
 def hf_chat_ids(tokenizer, messages: list[dict], tools: Optional[list[dict]] = None,

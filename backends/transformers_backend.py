@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, TokenLogprob, release_memory
-from .errors import BadInput, NotInstalled, surface
+from .errors import BadInput, NotInstalled
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, top_logprobs
 from .grammar import structural_tag
@@ -31,7 +31,7 @@ def _import_engine(alias: str):
         import torch
         import transformers
     except ImportError as exc:
-        raise surface(NotInstalled("transformers", exc.name or "transformers", alias)) from None
+        raise NotInstalled("transformers", exc.name or "transformers", alias) from None
     return torch, transformers
 
 
@@ -166,8 +166,8 @@ class TransformersBackend(Backend):
             return self._compiler().compile_json_schema(json.dumps(params.json_schema))
         except Exception as exc:
             if params.tool_grammar is not None:
-                raise surface(BadInput(f"Cannot constrain output to these tools' schemas: {exc}", param="tools")) from exc
-            raise surface(BadInput(f"Cannot constrain output to this JSON schema: {exc}", param="response_format")) from exc
+                raise BadInput(f"Cannot constrain output to these tools' schemas: {exc}", param="tools") from exc
+            raise BadInput(f"Cannot constrain output to this JSON schema: {exc}", param="response_format") from exc
 
     def _compiler(self):
         import xgrammar
@@ -189,12 +189,12 @@ class TransformersBackend(Backend):
         too_long = [i for i, n in enumerate(lengths) if n > self._ctx]
         if too_long:
             i = too_long[0]
-            raise surface(BadInput(
+            raise BadInput(
                 f"input[{i}] has {lengths[i]} tokens, more than this model's maximum of {self._ctx}; "
                 "shorten or split it.",
                 param="input",
                 code="context_length_exceeded",
-            ))
+            )
         with torch.no_grad():
             hidden = self.model(**batch).last_hidden_state
         if args.pooling == "cls":
@@ -260,7 +260,8 @@ class BatchLoop(StepLoop):
         while self._waiting and self.running() < self.max_batch:
             request = self._waiting.pop(0)
             try:
-                self._fault("admit", request)
+                if self._faults is not None:
+                    self._faults.check("admit", request.params.seed)
                 row = self._row(request)
             except Exception as exc:  # this request's settings only: the others go on
                 request.fail(exc)
@@ -293,7 +294,11 @@ class BatchLoop(StepLoop):
                     continue
                 budget -= used
                 if token is not None:
-                    self._join(row, token)
+                    try:
+                        self._join(row, token)
+                    except Exception as exc:  # in neither list now: answered here; the batch's cache
+                        row.request.fail(exc)  # may be half-joined, so the batch fails too
+                        raise
             if self.rows:
                 self._decode()
 
@@ -361,7 +366,8 @@ class BatchLoop(StepLoop):
         if token in self.eos and not params.ignore_eos:
             row.request.emit(Delta("", n, "stop"))
             return False
-        self._fault("detokenize", row.request)
+        if self._faults is not None:
+            self._faults.check("detokenize", params.seed)
         text = row.detok.add(token)
         if n >= params.max_tokens:
             row.request.emit(Delta(text, n, "length", row.logprobs))
@@ -371,7 +377,8 @@ class BatchLoop(StepLoop):
 
     def _sample_one(self, logits, row: _Row, greedy: Optional[int]) -> int:
         """The next token of one row from its logits (``greedy``: the batch's argmax for it)."""
-        self._fault("sample", row.request)
+        if self._faults is not None:
+            self._faults.check("sample", row.request.params.seed)
         p = row.request.params
         if greedy is not None and p.greedy() and not p.features() and row.matcher is None:
             return greedy  # plain greedy: the batch's argmax

@@ -20,7 +20,7 @@ from .args import VllmArgs
 from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, TokenLogprob, release_memory
 from .convert import gguf_to_hf_dir
 from . import faults
-from .errors import BadInput, EngineFailure, NotInstalled, surface
+from .errors import BadInput, EngineFailure, NotInstalled
 from .scheduling import EngineThread
 from .text import hf_chat_ids, hf_token_bytes
 from .grammar import structural_tag
@@ -44,13 +44,13 @@ def engine_kwargs(args: VllmArgs, model: str, engine_fields: set[str]) -> dict:
             if name == "swap_space":
                 kwargs.update(_swap_space(args, value, engine_fields))
                 continue
-            raise surface(BadInput(f"vllm.{name} is not an engine argument of the installed vLLM", param=name))
+            raise BadInput(f"vllm.{name} is not an engine argument of the installed vLLM", param=f"vllm.{name}")
         kwargs[name] = value
     unknown = sorted(set(args.extra) - engine_fields)
     if unknown:
-        raise surface(BadInput(
+        raise BadInput(
             f"unknown vLLM engine argument(s) in vllm.extra: {', '.join(unknown)}", param="vllm.extra"
-        ))
+        )
     kwargs.update(args.extra)
     return kwargs
 
@@ -60,8 +60,8 @@ def _swap_space(args: VllmArgs, gib: float, engine_fields: set[str]) -> dict:
     has for KV blocks is KV offloading, sized in total over all ranks where swap_space was GiB
     per GPU. Without either, the setting is a configuration error, not silently dropped."""
     if "kv_offloading_size" not in engine_fields:
-        raise surface(BadInput("vllm.swap_space: the installed vLLM has neither swap space nor KV offloading; "
-                               "remove swap_space from the alias", param="vllm.swap_space"))
+        raise BadInput("vllm.swap_space: the installed vLLM has neither swap space nor KV offloading; "
+                       "remove swap_space from the alias", param="vllm.swap_space")
     total = gib * args.tensor_parallel_size * args.pipeline_parallel_size
     log.info("vllm.swap_space=%s GiB per GPU -> kv_offloading_size=%s GiB (vLLM's CPU KV tier)", gib, total)
     return {"kv_offloading_size": total}
@@ -76,16 +76,18 @@ class VllmBackend(Backend):
     engine = None
     _tokenizing: EngineThread | None = None  # the thread that renders and tokenizes prompts
     _faults = None  # backends/faults.py, for tests
+    _pieces: dict[int, tuple[str, list[int]]]  # token id -> text, bytes (logprobs)
 
     async def load(self) -> None:
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError:
-            raise surface(NotInstalled("vllm", "vllm", self.alias)) from None
+            raise NotInstalled("vllm", "vllm", self.alias) from None
         import vllm
 
         self._vllm = vllm
+        self._pieces = {}
         location = self.config.location()
         if isinstance(location, Path) and location.suffix == ".gguf":
             location = await asyncio.to_thread(gguf_to_hf_dir, location)
@@ -103,7 +105,7 @@ class VllmBackend(Backend):
         try:
             engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=True)
         except (TypeError, ValueError) as exc:
-            raise surface(BadInput(f"invalid vLLM engine arguments for {self.alias!r}: {exc}")) from exc
+            raise BadInput(f"invalid vLLM engine arguments for {self.alias!r}: {exc}") from exc
         self._tokenizing = EngineThread(f"vllm-tokenize-{self.alias}")
         # building the engine blocks while its engine-core process starts: off the loop
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
@@ -115,9 +117,9 @@ class VllmBackend(Backend):
         engine, self.engine = self.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
-        if self._tokenizing is not None:
-            self._tokenizing.shutdown()
-        release_memory()
+        if self._tokenizing is not None:  # waits for a prompt being tokenized: off the loop too
+            await asyncio.to_thread(self._tokenizing.shutdown)
+        await asyncio.to_thread(release_memory)
 
     def capabilities(self) -> set[str]:
         caps = {COMPLETION}
@@ -180,6 +182,11 @@ class VllmBackend(Backend):
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        try:  # what newer vLLM raises for values it refuses (not a ValueError)
+            from vllm.exceptions import VLLMClientError as Refused
+        except ImportError:
+            Refused = ValueError
+
         try:
             return VSamplingParams(
                 max_tokens=params.max_tokens,
@@ -199,30 +206,42 @@ class VllmBackend(Backend):
                 structured_outputs=_structured(params),
                 output_kind=RequestOutputKind.DELTA,
             )
-        except (TypeError, ValueError) as exc:
-            raise surface(BadInput(f"vLLM refused the sampling settings: {exc}")) from exc
+        except (TypeError, ValueError, Refused) as exc:
+            raise BadInput(f"vLLM refused the sampling settings: {exc}", param=getattr(exc, "parameter", None)) from exc
 
     def _token_logprob(self, token: int, top: dict, k: int) -> TokenLogprob:
         """vLLM's position logprobs (token id -> Logprob, the chosen one included) in our shape."""
 
         def entry(t: int) -> tuple[str, list[int], float]:
-            text = top[t].decoded_token if top[t].decoded_token is not None else self.tokenizer.decode([t])
-            return text, list(hf_token_bytes(self.tokenizer, t)), float(top[t].logprob)
+            text, data = self._piece(t)
+            return top[t].decoded_token if top[t].decoded_token is not None else text, data, float(top[t].logprob)
 
         best = sorted((t for t in top if top[t].rank is not None and top[t].rank <= k), key=lambda t: top[t].rank)
         text, data, lp = entry(token)
         return TokenLogprob(text, data, lp, [entry(t) for t in best[:k]])
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    def _piece(self, token: int) -> tuple[str, list[int]]:
+        """A token's text and bytes, decoded once per token id (logprobs ask for the same ones often)."""
+        if token not in self._pieces:
+            self._pieces[token] = (self.tokenizer.decode([token]), list(hf_token_bytes(self.tokenizer, token)))
+        return self._pieces[token]
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        # settings vLLM refuses are the client's 400 here, before a stream sends its first byte
+        return self._generate(prompt_ids, params, self._sampling_params(params))
+
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams, sp) -> AsyncIterator[Delta]:
         from vllm.inputs import TokensPrompt
 
-        sp = self._sampling_params(params)
+        engine = self.engine  # the one to abort on, even once unload has let go of it
+        if engine is None:
+            raise EngineFailure("The model was unloaded before this request started.")
         if self._faults is not None:
             self._faults.check("admit", params.seed)
         request_id = uuid.uuid4().hex
         count, finished = 0, False
         try:
-            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id):
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id):
                 c = out.outputs[0]
                 count += len(c.token_ids)
                 if self._faults is not None:
@@ -232,14 +251,17 @@ class VllmBackend(Backend):
                 if finished:
                     reason = c.finish_reason
                     if reason not in ("stop", "length"):  # "abort", "error": the engine gave up on it
-                        raise surface(EngineFailure(f"vLLM ended this request early (finish reason {reason!r})."))
+                        raise EngineFailure(f"vLLM ended this request early (finish reason {reason!r}).")
                 logprobs = None
                 if params.logprobs is not None and c.logprobs:
                     logprobs = [self._token_logprob(t, top, params.logprobs) for t, top in zip(c.token_ids, c.logprobs)]
                 yield Delta(c.text, count, reason, logprobs)
         finally:
-            if not finished:  # client gone or stop found by us: free the engine at once
-                await self.engine.abort(request_id)
+            if not finished and engine is self.engine:  # client gone or stop found: free the engine at once
+                try:
+                    await engine.abort(request_id)
+                except Exception:  # noqa: BLE001 - a dead engine has nothing left to free
+                    log.warning("vLLM: aborting request %s failed", request_id, exc_info=True)
 
 
 def _structured(params: SamplingParams):

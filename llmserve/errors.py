@@ -1,17 +1,21 @@
 """OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with a status.
 
-Engines raise backends.errors' neutral exceptions; ``from_engine_error`` is the one place that
-says which OpenAI error each one is, and it is registered with backends at import, so what an
-engine raises is already an APIError wherever the routes, streams and native APIs catch them.
+Engines raise backends.errors' neutral exceptions; ``to_api_error`` is the one place that says
+which OpenAI error each one is, called where the routes, streams and native APIs catch them. An
+engine's failure (not the client's) reaches the client as a generic message with an error id;
+what went wrong goes to the log under that id.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from typing import Any, Optional
 
 from backends import errors as engine_errors
+
+log = logging.getLogger("llmserve")
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|[\w-]+\[.*\])$")
 
@@ -87,16 +91,6 @@ class EngineError(APIError):
     type = "server_error"
 
 
-class InternalError(EngineError):
-    """A 500 whose cause is told only to the server log: the client gets an id to quote,
-    and the log line with the exception carries the same id."""
-
-    def __init__(self, what: str):
-        self.error_id = uuid.uuid4().hex[:16]
-        super().__init__(f"{what} (error id {self.error_id}; the server log has the details).",
-                         code="internal_error")
-
-
 class EngineNotInstalled(EngineError):
     status = 400
     type = "invalid_request_error"
@@ -123,12 +117,29 @@ def from_engine_error(exc: engine_errors.EngineError) -> APIError:
     elif isinstance(exc, engine_errors.BadInput):
         err = InvalidRequest(exc.message, param=exc.param, code=exc.code)
     else:
-        err = EngineError(exc.message, code=exc.code)
+        err = internal_error(exc, exc.message)
+        err.code = exc.code or err.code
     err.__cause__ = exc
     return err
 
 
-engine_errors.set_translation(from_engine_error)
+def to_api_error(exc: BaseException) -> Optional[APIError]:
+    """What a client is told about ``exc``: an APIError as it is, an engine's neutral exception
+    mapped; None for anything else (the caller's own unexpected failure: see internal_error)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, engine_errors.EngineError):
+        return from_engine_error(exc)
+    return None
+
+
+def internal_error(exc: BaseException, message: str = "The server failed on this request.") -> APIError:
+    """A 500 that says ``message`` and an error id, never the exception's text: that goes to
+    the log under the id (with the stack trace where there is one)."""
+    error_id = "err_" + uuid.uuid4().hex[:16]
+    log.error("error id %s: %s: %s", error_id, type(exc).__name__, exc,
+              exc_info=exc if exc.__traceback__ is not None else None)
+    return EngineError(f"{message} (error id {error_id}; the server log has the details)", code="internal_error")
 
 
 def validation_error_to_api_error(errors: list[dict[str, Any]]) -> InvalidRequest:

@@ -10,9 +10,12 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+from backends import errors as engine_errors
 from backends.base import Backend
+
 from .config import ModelConfig, Settings
-from .errors import APIError, EngineError, EngineNotInstalled, Forbidden, InvalidRequest, ModelNotFound, Overloaded
+from .errors import (APIError, EngineError, EngineNotInstalled, Forbidden, InvalidRequest, ModelNotFound, Overloaded,
+                     to_api_error)
 from .logs import gpu_bytes, mib, rss_bytes
 from .metrics import MODEL_LOAD_SECONDS
 
@@ -151,10 +154,11 @@ class ModelManager:
                 backend = make_backend(alias, cfg)
                 log.info("loading %s (%s) ...", alias, backend.name)
                 await backend.load()
-            except APIError as exc:  # the configuration's mistake: one line, no stack trace
-                self.errors[alias] = exc.message
-                log.error("loading %s failed: %s", alias, exc.message)
-                raise
+            except (APIError, engine_errors.EngineError) as exc:  # the configuration's mistake: one line
+                err = to_api_error(exc)
+                self.errors[alias] = err.message
+                log.error("loading %s failed: %s", alias, err.message)
+                raise err
             except Exception as exc:
                 self.errors[alias] = f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, FileNotFoundError):  # model files missing: the reason says it all

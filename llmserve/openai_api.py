@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional, Union
 from backends.base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, TokenLogprob, with_stops
 from . import tools
 from .config import Settings
-from .errors import APIError, EngineError, InternalError, InvalidRequest
+from .errors import APIError, InvalidRequest, internal_error, to_api_error
 from .manager import ModelManager
 from .metrics import RequestMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -75,10 +75,8 @@ class OpenAIOperations:
             texts = await self._embedding_texts(req, backend) if req.token_ids() else req.input
             try:
                 result = await backend.embed(texts)
-            except APIError:
-                raise
             except Exception as exc:
-                raise self._engine_failure(backend, alias, exc) from exc
+                raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
         size = len(result.vectors[0]) if result.vectors else None
         if req.dimensions is not None and req.dimensions != size:
             raise InvalidRequest(f"`dimensions` is {req.dimensions}, but model {alias!r} makes embeddings of {size} "
@@ -251,12 +249,9 @@ class OpenAIOperations:
             except TimeoutError:
                 raise deadline.error() from None
             status = last.finish_reason or "stop"
-        except APIError:
-            status = "error"
-            raise
         except Exception as exc:
             status = "error"
-            raise self._engine_failure(backend, alias, exc) from exc
+            raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
         finally:
             metrics.finish(status)
             await deltas.aclose()
@@ -299,12 +294,9 @@ class OpenAIOperations:
                 raise deadline.error() from None
             if include_usage:
                 yield sse_event({**meta, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-        except APIError as exc:
-            status = "error"
-            yield sse_event(exc.body())
         except Exception as exc:
             status = "error"
-            yield sse_event(self._engine_failure(backend, meta["model"], exc).body())
+            yield sse_event((to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")).body())
         finally:
             # runs too when the client goes away: closing `deltas` stops the engine's work
             metrics.finish(status)
@@ -347,7 +339,7 @@ class OpenAIOperations:
                     continue
                 if isinstance(d, BaseException):
                     metrics[i].finish("error")
-                    err = d if isinstance(d, APIError) else self._engine_failure(backend, meta["model"], d)
+                    err = to_api_error(d) or internal_error(d, f"The {backend.name} engine failed.")
                     yield sse_event(err.body())
                     continue
                 counts[i] = d.completion_tokens
@@ -364,13 +356,6 @@ class OpenAIOperations:
         finally:
             await release()
         yield "data: [DONE]\n\n"
-
-    @staticmethod
-    def _engine_failure(backend, alias: str, exc: BaseException) -> EngineError:
-        """An unexpected exception of an engine: its text goes to the log, an id to the client."""
-        err = InternalError(f"The {backend.name} engine failed")
-        log.error("generation failed on %s (error id %s)", alias, err.error_id, exc_info=exc)
-        return err
 
 
 class Release:

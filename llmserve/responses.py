@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Optional, Union
 from pydantic import ValidationError
 
 from .config import Settings
-from .errors import APIError, InvalidRequest, validation_error_to_api_error
+from .errors import APIError, InvalidRequest, to_api_error, validation_error_to_api_error
 from .openai_api import OpenAIOperations
 from .response_store import ResponseStore, default_path
 from .responses_schemas import (FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputItem, MessageItem,
@@ -64,8 +64,11 @@ class ResponsesOperations:
         run = Run(req, alias, tools, [i.model_dump(by_alias=True) for i in items])
         try:
             result = await self.chat.chat(chat_req)
-        except APIError as exc:
-            raise _renamed(exc)
+        except Exception as exc:
+            err = to_api_error(exc)
+            if err is None:
+                raise
+            raise _renamed(err) from exc
         if not isinstance(result, dict):
             return self._stream(run, result)
         choice = result["choices"][0]

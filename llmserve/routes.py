@@ -23,7 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError, Forbidden, InternalError, InvalidRequest, Unauthorized, validation_error_to_api_error
+from backends import errors as engine_errors
+
+from .errors import (APIError, Forbidden, InvalidRequest, Unauthorized, internal_error, to_api_error,
+                     validation_error_to_api_error)
 from .manager import MAY_LOAD
 from .openai_api import OpenAIOperations
 from .responses import ResponsesOperations
@@ -340,6 +343,11 @@ async def _api_error(request: Request, exc: APIError):
     return error_response(exc)
 
 
+@app.exception_handler(engine_errors.EngineError)
+async def _engine_error(request: Request, exc: engine_errors.EngineError):
+    return await _api_error(request, to_api_error(exc))
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     err = validation_error_to_api_error(list(exc.errors()))
@@ -355,9 +363,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception):
-    err = InternalError("Internal error")
-    log.error("unexpected error on %s %s (error id %s)", request.method, request.url.path, err.error_id, exc_info=exc)
-    return error_response(err)
+    log.error("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(internal_error(exc))
 
 
 class ControlCharacterPaths:

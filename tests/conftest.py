@@ -7,6 +7,7 @@ to .cache/test-server.log and is printed when it fails to start.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -26,8 +27,13 @@ FAULTS_ENV = ",".join(f"{stage}:{seed}" for stage, seed in FAULT_SEEDS.items())
 
 
 def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-server") -> ServerProcess:
+    (ROOT / ".cache").mkdir(exist_ok=True)
     # room for every alias the suite loads, so no test sees another model evicted
-    env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8", "LLMSERVE_FAULTS": FAULTS_ENV, **(env_overrides or {})}
+    # stored responses go to a fresh file under .cache, not the user's ~/.local/share
+    store = tempfile.NamedTemporaryFile(dir=ROOT / ".cache", prefix=f"{name}-responses-", suffix=".sqlite3",
+                                        delete=False).name
+    env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8", "LLMSERVE_FAULTS": FAULTS_ENV,
+           "LLMSERVE_RESPONSES__STORE_PATH": store, **(env_overrides or {})}
     server = bentoml_serve(ROOT / ".cache" / f"{name}.log", env)
     try:
         server.wait_ready(STARTUP_TIMEOUT)

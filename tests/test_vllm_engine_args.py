@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from backends.errors import BadInput
 from backends.vllm_backend import engine_kwargs
 from llmserve.config import VllmArgs
+from llmserve.errors import to_api_error
 
 V1_FIELDS = {"model", "tokenizer", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "enforce_eager",
              "kv_offloading_size"}
@@ -27,9 +29,11 @@ def test_swap_space_becomes_kv_offloading_over_every_gpu_of_the_alias():
 
 
 def test_swap_space_on_a_vllm_with_neither_setting_is_a_configuration_error_naming_it():
-    with pytest.raises(Exception) as info:
+    with pytest.raises(BadInput) as info:
         engine_kwargs(VllmArgs(swap_space=4), "/models/x", V1_FIELDS - {"kv_offloading_size"})
-    assert "vllm.swap_space" in str(info.value)
+    assert info.value.param == "vllm.swap_space" and "vllm.swap_space" in info.value.message
+    api = to_api_error(info.value)  # how it reaches whoever asked for the load
+    assert (api.status, api.param) == (400, "vllm.swap_space")
 
 
 def test_swap_space_goes_through_where_vllm_still_has_it():
