@@ -276,7 +276,7 @@ def test_a_model_that_fails_to_load_shows_failed_and_why(page):
     page.wait_for_selector(f"#models tr[data-alias={alias}][data-state=failed]", timeout=180_000)
     why = row.locator(".why").inner_text()
     assert why.strip()
-    assert f"Loading {alias}:" in page.inner_text("#notice")
+    page.wait_for_function(f"() => document.getElementById('notice').textContent.includes('Loading {alias}:')")
 
 
 @needs_browser
@@ -329,7 +329,7 @@ def test_without_the_right_key_the_page_says_401_or_403_instead_of_breaking(brow
         row.locator("button.load").click()
         page.wait_for_function("() => document.getElementById('notice').textContent.includes('403 Forbidden')")
         assert "admin key" in page.inner_text("#notice")
-        assert row.get_attribute("data-state") == "not loaded"
+        page.wait_for_selector('#models tr[data-alias=minilm][data-state="not loaded"]')
     finally:
         page.context.close()
 

@@ -93,9 +93,13 @@ async function loadTimes() {
 }
 
 let refreshing = false;
+let again = false;  // asked for while one was in flight: its answer may predate the change
 
 async function refresh() {
-  if (refreshing) return;
+  if (refreshing) {
+    again = true;
+    return;
+  }
   refreshing = true;
   try {
     const [rows, times] = await Promise.all([listModels(), loadTimes()]);
@@ -105,6 +109,10 @@ async function refresh() {
     notify(`Model list: ${err.message}`);
   } finally {
     refreshing = false;
+    if (again) {
+      again = false;
+      refresh();
+    }
   }
 }
 
