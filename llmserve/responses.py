@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from .config import Settings
 from .errors import APIError, InvalidRequest, validation_error_to_api_error
-from .openai_api import OpenAIOperations
+from .openai_api import EventStream, OpenAIOperations
 from .response_store import ResponseStore, default_path
 from .responses_schemas import (FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputItem, MessageItem,
                                 ResponsesRequest, parse_items, parse_tools)
@@ -66,8 +66,8 @@ class ResponsesOperations:
             result = await self.chat.chat(chat_req)
         except APIError as exc:
             raise _renamed(exc)
-        if not isinstance(result, dict):
-            return self._stream(run, result)
+        if not isinstance(result, dict):  # EventStream: its release runs even if the events never start
+            return EventStream(self._stream(run, result), result.release)
         choice = result["choices"][0]
         output = OutputItems(EventWriter())  # the same items a stream builds; the events are not sent
         if choice["message"].get("content"):  # as in a stream, where empty pieces send nothing
