@@ -58,7 +58,10 @@ class ResponsesOperations:
                 raise InvalidRequest(f"Previous response with id {req.previous_response_id!r} not found (never "
                                      "stored, deleted, or past the store's bounds).", param="previous_response_id",
                                      code="previous_response_not_found")
-            history = parse_items(stored.conversation + stored.response["output"], "previous_response_id")
+            # a call cut short (max_output_tokens, a failure) may hold half its arguments: not replayed
+            output = [i for i in stored.response["output"]
+                      if i["type"] != "function_call" or i["status"] == "completed"]
+            history = parse_items(stored.conversation + output, "previous_response_id")
         items = history + new_items
         chat_req = _chat_request(req, alias, tools, _messages(req.instructions, items, len(history)))
         run = Run(req, alias, tools, [i.model_dump(by_alias=True) for i in items])
