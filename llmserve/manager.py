@@ -75,6 +75,8 @@ class ModelManager:
         self._loaded_at: dict[str, float] = {}
         self._memory: dict[str, dict[str, int | None]] = {}  # what each load took
         self.errors: dict[str, str] = {}  # alias -> why its last load failed
+        self._pending: dict[str, asyncio.Future] = {}  # alias -> its load in progress, awaited by all who want it
+        self._unloading: dict[str, asyncio.Event] = {}  # alias -> set once its unload (drain, then drop) is over
 
     # -- lookup -------------------------------------------------------------------------
     def config(self, alias: str) -> ModelConfig:
@@ -139,7 +141,28 @@ class ModelManager:
                     pass  # load() logged why; GET /models lists it
 
     async def load(self, alias: str) -> dict[str, Any]:
+        """Loads ``alias`` once for everyone who asks meanwhile: they all get its one result (a
+        failure too), and one who leaves does not cut it short."""
         cfg = self.config(alias)
+        backend = self.loaded.get(alias)
+        if backend is not None and backend.failure() is None:  # no lock: another alias may be draining
+            return backend.describe()
+        pending = self._pending.get(alias)
+        if pending is None:
+            pending = self._pending[alias] = asyncio.ensure_future(self._load(alias, cfg))
+            pending.add_done_callback(lambda done: self._loaded(alias, done))
+        return await asyncio.shield(pending)
+
+    def _loaded(self, alias: str, done: asyncio.Future) -> None:
+        if self._pending.get(alias) is done:
+            del self._pending[alias]
+        if not done.cancelled():
+            done.exception()  # retrieved here: a failure nobody awaits any more is not reported twice
+
+    async def _load(self, alias: str, cfg: ModelConfig) -> dict[str, Any]:
+        unloading = self._unloading.get(alias)
+        if unloading is not None:  # its unload is draining: load it again once that is over
+            await unloading.wait()
         async with self._lock:
             if alias in self.loaded and self.loaded[alias].failure() is None:
                 return self.loaded[alias].describe()
@@ -193,17 +216,25 @@ class ModelManager:
         if drain_timeout is None:
             drain_timeout = self.settings.limits.drain_timeout
         async with self._lock:
-            if only_if_idle and self._in_flight[alias]:
-                return False
+            keep = self.settings.models[alias].keep_alive
+            if only_if_idle and (self._in_flight[alias] or keep is None
+                                 or time.monotonic() - self._last_used.get(alias, 0) <= keep):
+                return False  # used while the lock was awaited
             backend = self.loaded.pop(alias, None)
             if backend is None:
                 return False
-            # let requests already running on it finish
+            drained = self._unloading[alias] = asyncio.Event()
+        try:
+            # let requests already running on it finish, without the lock: other aliases load meanwhile
             deadline = time.monotonic() + drain_timeout
             while self._in_flight[alias] and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            await self._drop(alias, backend, reason)
-            return True
+            async with self._lock:
+                await self._drop(alias, backend, reason)
+        finally:
+            del self._unloading[alias]
+            drained.set()
+        return True
 
     async def _drop(self, alias: str, backend: Backend, reason: str) -> None:
         """Unloads ``backend`` of ``alias`` (the lock held); an engine that died may fail to
@@ -220,8 +251,12 @@ class ModelManager:
         self._memory.pop(alias, None)
 
     async def shutdown(self) -> None:
-        for alias in list(self.loaded):
-            await self.unload(alias, reason="server shutting down")  # running streams get drain_timeout
+        """Unloads every alias, those whose load is still running once it ends; running streams
+        get drain_timeout, all aliases at once."""
+        while self.loaded or self._pending or self._unloading:
+            await asyncio.gather(*self._pending.values(), *(e.wait() for e in self._unloading.values()),
+                                 *(self.unload(a, reason="server shutting down") for a in list(self.loaded)),
+                                 return_exceptions=True)
 
     async def _make_room(self, alias: str) -> None:
         """Unloads least recently used idle models while the loaded-model limit is reached or

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from .config import Settings
 from .errors import APIError, InvalidRequest, to_api_error, validation_error_to_api_error
-from .openai_api import OpenAIOperations
+from .openai_api import EventStream, OpenAIOperations
 from .response_store import ResponseStore, default_path
 from .responses_schemas import (FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputItem, MessageItem,
                                 ResponsesRequest, parse_items, parse_tools)
@@ -58,7 +58,10 @@ class ResponsesOperations:
                 raise InvalidRequest(f"Previous response with id {req.previous_response_id!r} not found (never "
                                      "stored, deleted, or past the store's bounds).", param="previous_response_id",
                                      code="previous_response_not_found")
-            history = parse_items(stored.conversation + stored.response["output"], "previous_response_id")
+            # a call cut short (max_output_tokens, a failure) may hold half its arguments: not replayed
+            output = [i for i in stored.response["output"]
+                      if i["type"] != "function_call" or i["status"] == "completed"]
+            history = parse_items(stored.conversation + output, "previous_response_id")
         items = history + new_items
         chat_req = _chat_request(req, alias, tools, _messages(req.instructions, items, len(history)))
         run = Run(req, alias, tools, [i.model_dump(by_alias=True) for i in items])
@@ -69,8 +72,8 @@ class ResponsesOperations:
             if err is None:
                 raise
             raise _renamed(err) from exc
-        if not isinstance(result, dict):
-            return self._stream(run, result)
+        if not isinstance(result, dict):  # EventStream: its release runs even if the events never start
+            return EventStream(self._stream(run, result), result.release)
         choice = result["choices"][0]
         output = OutputItems(EventWriter())  # the same items a stream builds; the events are not sent
         if choice["message"].get("content"):  # as in a stream, where empty pieces send nothing

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidRequest, validation_error_to_api_error
+from .schemas import _Body
 
 # -- input items -------------------------------------------------------------------------------
 
@@ -117,7 +118,7 @@ class Reasoning(BaseModel):
 ToolChoice = Union[Literal["none", "auto", "required"], dict[str, Any]]
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(_Body):  # _Body: a lone surrogate anywhere is a 400, as on the chat routes
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = Field(None, description="alias from configuration.yaml; default_model when empty")

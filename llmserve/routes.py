@@ -208,8 +208,9 @@ class NativeAPIKeys:
 
 
 def respond(result) -> Any:
-    """One JSON body, or the operations' Server-Sent Events as a streaming response."""
-    if isinstance(result, dict):
+    """One JSON body (or while_connected's 499), or the operations' Server-Sent Events as a
+    streaming response."""
+    if isinstance(result, (dict, Response)):
         return result
     return EventStreamResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -288,8 +289,8 @@ async def embeddings(req: EmbeddingRequest, request: Request, o: OpenAIOperation
 
 
 @openai_router.post("/responses")
-async def create_response(req: ResponsesRequest, r: ResponsesOperations = Depends(responses_ops)):
-    return respond(await r.create(req))
+async def create_response(req: ResponsesRequest, request: Request, r: ResponsesOperations = Depends(responses_ops)):
+    return respond(await while_connected(request, r.create(req)))
 
 
 @openai_router.get("/responses/{response_id}")

@@ -56,6 +56,9 @@ class Runtime:
     async def stop(self) -> None:
         if getattr(self, "_expiry", None):
             self._expiry.cancel()
+        if self._preload is not None and not self._preload.done():
+            self._preload.cancel()  # the alias it is loading still loads; shutdown() unloads it then
+            await asyncio.gather(self._preload, return_exceptions=True)
         await self.manager.shutdown()
         self.responses.close()
 

@@ -133,3 +133,35 @@ async def test_when_one_of_n_choices_fails_the_others_are_cancelled_at_once():
     assert failed.value.status == 500 and "choice 1 failed" not in failed.value.message
     assert sorted(closed) == [7, 8], "the other choice's generation was left running"
     assert time.monotonic() - started < 5 and manager.list_models()[0]["in_use"] == 0
+
+
+def test_a_responses_request_whose_client_leaves_during_an_on_demand_load_releases_everything(server, http):
+    """Native /respond, streamed, on an alias that loads on demand: the client leaves while the
+    load runs, so the Responses stream is closed before its first event; its in-use count and
+    running gauge still return to zero (a never-started generator's finally never runs)."""
+    model = "smollm2-tools"
+    assert http.post(f"/models/{model}/unload").status_code == 200
+    assert not http.get(f"/v1/models/{model}").json()["loaded"]
+    sock = send_and_keep_open(server, "/respond", {"model": model, "input": "Write a long story.", "stream": True,
+                                                    "max_output_tokens": 1500, "temperature": 0.8})
+    try:
+        wait_for(lambda: http.get(f"/v1/models/{model}").json()["waiting_for_load"] >= 1,
+                 f"the request did not wait for {model} to load")
+    finally:
+        sock.close()
+    wait_for(lambda: http.get(f"/v1/models/{model}").json()["loaded"], f"{model} did not finish loading")
+    wait_for(lambda: idle(server, http, model), f"{model}: a count stayed raised after the client left")
+
+
+def test_a_non_streamed_responses_request_whose_client_leaves_stops_its_generation(server, http):
+    model = "smollm2-hf"  # ~15 tokens/s: the generation is still running when the client leaves
+    wait_for(lambda: idle(server, http, model), f"{model} busy before the test")
+    aborted = server.metric("llm_requests_total", model=model, status="aborted")
+    sock = send_and_keep_open(server, "/v1/responses", {"model": model, "input": "Write a very long story.",
+                                                         "max_output_tokens": 1500, "temperature": 0.8})
+    try:
+        wait_for(lambda: counts(server, http, model)["engine"] >= 1, f"{model} did not start the generation")
+    finally:
+        sock.close()
+    wait_for(lambda: idle(server, http, model), f"{model}: a count stayed raised after the client left")
+    assert server.metric("llm_requests_total", model=model, status="aborted") - aborted == 1

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, start_server
+from tests.test_disconnects import BOUND, counts, send_and_keep_open, wait_for
 from tests.test_errors import assert_openai_error
 
 INFERENCE, ADMIN = "race-inf-key", "race-adm-key"
@@ -29,7 +30,7 @@ def races():
         "LLMSERVE_API_KEYS": INFERENCE,
         "LLMSERVE_ADMIN_KEYS": ADMIN,
         "LLMSERVE_LIMITS__LOAD_ON_DEMAND_REQUIRES_ADMIN": "true",
-        "LLMSERVE_LIMITS__DRAIN_TIMEOUT": "3",
+        "LLMSERVE_LIMITS__DRAIN_TIMEOUT": "20",  # the unload is seen draining even on a busy machine
         "LLMSERVE_CORS_ORIGINS": f'["{ORIGIN}"]',
     }, name="test-server-races")
     yield server
@@ -76,7 +77,7 @@ def test_a_request_for_an_alias_being_unloaded_waits_for_the_unload_and_loads_it
     deadline = time.monotonic() + 30
     while not admin.get("/models/smollm2").json().get("running_requests") and time.monotonic() < deadline:
         time.sleep(0.05)
-    # the unload drains the stream for limits.drain_timeout (3 s); requests come meanwhile
+    # the unload drains the stream for up to limits.drain_timeout (20 s); requests come meanwhile
     with cf.ThreadPoolExecutor(4) as pool:
         unloading = pool.submit(admin.post, "/models/smollm2/unload")
         deadline = time.monotonic() + 10
@@ -121,3 +122,46 @@ def test_a_browser_preflight_with_the_openai_js_clients_headers_passes_for_a_con
     assert "access-control-allow-origin" not in r.headers
     answer = client(races, INFERENCE).get("/v1/models", headers={"Origin": ORIGIN})
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == ORIGIN
+
+
+# on the session's server (room for several models, no keys)
+SESSION_LOG = ROOT / ".cache" / "test-server.log"
+
+
+def test_a_failing_load_wanted_by_several_requests_runs_once_and_fails_them_all(http):
+    """llama3-8b has no weights here: its load fails. Four requests come while another load
+    holds the manager's lock, so they all wait for the one load of llama3-8b and get its
+    failure together, instead of retrying it one after another."""
+    slow, failing = "smollm2-hf-tools", "llama3-8b"
+    assert http.post(f"/models/{slow}/unload").status_code == 200
+    attempts = SESSION_LOG.read_text().count(f"loading {failing} (")
+    with cf.ThreadPoolExecutor(5) as pool:
+        holding = pool.submit(http.post, f"/models/{slow}/load", timeout=300)
+        wait_for(lambda: http.get(f"/v1/models/{slow}").json()["loading"] or holding.done(), f"{slow} never loading")
+        answers = [pool.submit(http.post, "/v1/chat/completions", json={**CHAT, "model": failing}, timeout=300)
+                   for _ in range(4)]
+        answers = [a.result() for a in answers]
+        assert holding.result().status_code == 200
+    assert len({(r.status_code, r.json()["error"]["message"]) for r in answers}) == 1, [r.text for r in answers]
+    assert answers[0].status_code >= 500 and failing in answers[0].json()["error"]["message"]
+    assert SESSION_LOG.read_text().count(f"loading {failing} (") == attempts + 1, "the failing load ran more than once"
+
+
+def test_loading_a_loaded_alias_answers_at_once_while_another_alias_drains(server, http):
+    draining, loaded = "smollm2-hf", "smollm2"
+    assert http.post(f"/models/{draining}/load", timeout=300).status_code == 200
+    assert http.post(f"/models/{loaded}/load", timeout=300).status_code == 200
+    sock = send_and_keep_open(server, "/v1/chat/completions", {**CHAT, "model": draining, "max_tokens": 1500,
+                                                               "ignore_eos": True, "stream": True})
+    try:
+        wait_for(lambda: counts(server, http, draining)["engine"] >= 1, f"{draining} did not start the stream")
+        with cf.ThreadPoolExecutor(1) as pool:  # drains the stream for limits.drain_timeout (30 s)
+            unloading = pool.submit(http.post, f"/models/{draining}/unload")
+            wait_for(lambda: not http.get(f"/v1/models/{draining}").json()["loaded"], "the unload never started")
+            assert http.post(f"/models/{loaded}/load").status_code == 200
+            assert not unloading.done(), "the load of a loaded alias waited for another alias's drain"
+            sock.close()  # the stream ends, so the drain does
+            assert unloading.result(timeout=BOUND).json()["was_loaded"] is True
+    finally:
+        sock.close()
+    assert http.post(f"/models/{draining}/load", timeout=300).status_code == 200  # as the other tests expect
