@@ -196,10 +196,11 @@ def test_tensor_parallel_alias_maps_to_engine_args_and_gpu_resources(tmp_path):
 
 
 def test_unknown_vllm_engine_argument_is_named():
+    from backends.errors import BadInput
     from backends.vllm_backend import engine_kwargs
 
     args = ModelConfig(source="x/y", vllm={"extra": {"enable_prefix_caching": True, "warp_drive": 9}}).vllm
-    with pytest.raises(InvalidRequest, match="warp_drive"):
+    with pytest.raises(BadInput, match="warp_drive"):
         engine_kwargs(args, "x/y", _engine_fields())
     ok = ModelConfig(source="x/y", vllm={"extra": {"enable_prefix_caching": True}, "load_format": "dummy"}).vllm
     kwargs = engine_kwargs(ok, "x/y", _engine_fields())

@@ -13,7 +13,9 @@ import functools
 from pathlib import Path
 from typing import Optional
 
+from backends import errors as engine_errors
 from backends.grammar import CallGrammar
+
 from ..config import PROJECT_ROOT, ModelConfig
 from ..errors import InvalidRequest
 from ..schemas import ChatCompletionRequest, Tool
@@ -73,7 +75,7 @@ class ChatTools:
         self.prompt_chars = sum(len(m.get("content") or "") for m in messages)
         try:
             return await self._encode(backend, messages, tools)
-        except InvalidRequest:
+        except (InvalidRequest, engine_errors.BadInput):
             # a template that forbids a system role: the system text goes into the first user turn
             if not (self.tools and messages[0]["role"] == "system" and len(messages) > 1
                     and messages[1]["role"] == "user"):
