@@ -68,7 +68,7 @@ def mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
 
 
-def log_startup(models: list[dict], on_demand: bool) -> None:
+def log_startup(models: list[dict], on_demand: bool, ui: bool = False) -> None:
     """One line per alias, then where to send requests."""
     for m in models:
         when = "loads at start" if m["preload"] else (
@@ -78,6 +78,8 @@ def log_startup(models: list[dict], on_demand: bool) -> None:
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     log.info("OpenAI API at %s/v1 (and %s/api/v1); docs at %s/v1/docs; model admin at %s/models; metrics at %s/metrics",
              base, base, base, base, base)
+    if ui:
+        log.info("web console at %s/ui", base)
 
 
 def listening_address() -> tuple[str, int]:

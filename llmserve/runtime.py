@@ -36,7 +36,7 @@ class Runtime:
         """Logging, the start-up lines, and the preloaded models: in the background (the
         routes answer "loading" meanwhile) or, with ``wait``, before returning."""
         setup_logging(self.settings.log_level, self.settings.log_format)
-        log_startup(self.manager.list_models(), self.settings.load_on_demand)
+        log_startup(self.manager.list_models(), self.settings.load_on_demand, self.settings.ui)
         if not self.settings.inference_keys() and not self.settings.admin_key_list():
             host, port = listening_address()
             log.warning("no API key is set (LLMSERVE_API_KEYS, LLMSERVE_ADMIN_KEYS): every route, model load and "

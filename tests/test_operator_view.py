@@ -28,6 +28,7 @@ def test_start_lists_every_alias_and_where_to_call(server):
         assert re.search(rf"\[INFO\] .*model {re.escape(alias)}: {engine} engine, \w+, {when}", log), alias
     assert f"OpenAI API at {server.url}/v1" in log
     assert f"docs at {server.url}/v1/docs" in log and f"metrics at {server.url}/metrics" in log
+    assert f"web console at {server.url}/ui" in log
     # each preloaded model: how long it took and what memory it took, in BentoML's format
     loaded = re.search(r"\[INFO\] .*loaded smollm2 \(llamacpp\) in ([\d.]+) s, memory \+(\d+) MiB RSS", log)
     assert loaded and 0 < float(loaded.group(1)) < 120 and int(loaded.group(2)) > 50
