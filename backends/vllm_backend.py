@@ -59,6 +59,8 @@ def _swap_space(args: VllmArgs, gib: float, engine_fields: set[str]) -> dict:
     """vLLM's V1 engine has no swap space (a preempted request is recomputed); the CPU tier it
     has for KV blocks is KV offloading, sized in total over all ranks where swap_space was GiB
     per GPU. Without either, the setting is a configuration error, not silently dropped."""
+    if not gib:
+        return {}  # no swap asked for
     if "kv_offloading_size" not in engine_fields:
         raise BadInput("vllm.swap_space: the installed vLLM has neither swap space nor KV offloading; "
                        "remove swap_space from the alias", param="vllm.swap_space")

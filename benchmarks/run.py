@@ -127,6 +127,8 @@ def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Pat
             else:
                 cmd += [flag, str(value)]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(int(a.kv_cache_space_gib))} if a.kv_cache_space_gib else {}
+        if a.tensor_parallel_size > 1 and os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
+            env["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"  # as the service's backend sets it: like for like
         return ServerProcess(cmd, port, log_path, env, "/health")
     if backend == "transformers":
         from backends.convert import gguf_to_hf_dir
@@ -233,8 +235,10 @@ def stop_server(server: ServerProcess, record: dict) -> None:
     _, alive = psutil.wait_procs(procs, timeout=60)  # engine workers may outlive their parent a moment
     record["stop_s"] = round(time.monotonic() - started, 1)
     if on_gpu is not None:
+        after = gpu_pids()  # None: nvidia-smi did not answer, so nothing is known
         record["gpu_processes_before_stop"] = len(tree & on_gpu)
-        record["gpu_processes_left"] = sorted(tree & (gpu_pids() or set()))
+        record["gpu_processes_left"] = None if after is None else sorted(tree & after)
+        record["gpu_processes_after_stop"] = None if after is None else sorted(after)  # anyone's, on any GPU
     record["processes_left"] = sorted(p.pid for p in alive)
 
 
@@ -257,15 +261,22 @@ class Servers:
 
     def __init__(self, args, out_root: Path):
         self.args, self.out_root, self.current = args, out_root, None
+        self.failed: dict = {}  # (backend, target) -> why its server did not start
 
     def get(self, backend: str, target: str, alias: str, out: Path, cell: Cell) -> ServerProcess:
         key = (backend, target)
         if self.current and (self.current[0] != key or not self.args.reuse_server):
             self.close()
         if self.current is None:
+            if key in self.failed and self.args.reuse_server:  # no second wait of --startup-timeout
+                raise RuntimeError(f"its server did not start for an earlier cell: {self.failed[key]}")
             server = start_server(backend, target, alias, self.args, out / "server.log")
             self.current = (key, server, {"last_cell": cell})
-            cell.startup_s = server.wait_ready(self.args.startup_timeout)
+            try:
+                cell.startup_s = server.wait_ready(self.args.startup_timeout)
+            except RuntimeError as exc:
+                self.failed[key] = str(exc).splitlines()[0]
+                raise
             log(f"  {backend}/{target}: server up in {cell.startup_s:.1f} s")
             if target == "service":
                 # what `resources=` the BentoML service declared for this configuration

@@ -33,6 +33,10 @@ def _console_on(app) -> bool:
     return settings is None or settings.ui
 
 
+def _turned_off() -> APIError:
+    return APIError("The web console is turned off (ui: false in configuration.yaml).", status=404, code="not_found")
+
+
 class Console:
     """The console's files, or an OpenAI-shaped 404 when configuration.yaml says `ui: false`."""
 
@@ -41,9 +45,7 @@ class Console:
 
     async def __call__(self, scope, receive, send):
         if not _console_on(scope["app"]):
-            err = APIError("The web console is turned off (ui: false in configuration.yaml).", status=404,
-                           code="not_found")
-            return await JSONResponse(err.body(), status_code=404)(scope, receive, send)
+            return await JSONResponse(_turned_off().body(), status_code=404)(scope, receive, send)
         await self.files(scope, receive, send)
 
 
@@ -65,7 +67,12 @@ def mount(app: FastAPI) -> None:
     """Adds /, /ui and /v1/docs to the app; called before the API routes, whose /v1 catch-all
     would otherwise answer /v1/docs."""
     app.add_api_route("/", index_page, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/ui", lambda: RedirectResponse("/ui/"), methods=["GET"], include_in_schema=False)
+    def ui_root(request: Request):
+        if _console_on(request.app):
+            return RedirectResponse("/ui/")
+        return JSONResponse(_turned_off().body(), status_code=404)  # not a redirect to a 404
+
+    app.add_api_route("/ui", ui_root, methods=["GET"], include_in_schema=False)
     app.mount("/ui", Console(), name="ui")
 
     async def swagger(request: Request) -> HTMLResponse:
