@@ -48,6 +48,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     json_schema: Optional[dict] = None  # the output is constrained to JSON valid under this schema
     tool_grammar: Optional[CallGrammar] = None  # or to tool calls in the model's format (tool_choice)
+    compiled: Any = None  # the engine's own form of the constraint, made by Backend.prepare
 
     def greedy(self) -> bool:
         """Temperatures this small pick the most likely token (vLLM's threshold): dividing
@@ -162,6 +163,11 @@ class Backend(abc.ABC):
         """Token ids of a plain completion prompt (with BOS where the model wants one)."""
 
     # -- work -------------------------------------------------------------------------
+    async def prepare(self, params: SamplingParams) -> None:
+        """What a request needs before its stream starts (an engine compiles its grammar here,
+        off the event loop), so that a constraint it cannot serve is a BadInput raised before
+        the first byte is sent, not an error event after it."""
+
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Stream the completion. The last Delta carries finish_reason.

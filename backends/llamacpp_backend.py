@@ -159,6 +159,10 @@ class LlamaCppBackend(Backend):
     def vocab_size(self) -> int:
         return self._lib.llama_vocab_n_tokens(self.model.vocab)
 
+    async def prepare(self, params: SamplingParams) -> None:
+        if params.json_schema is not None or params.tool_grammar is not None:
+            params.compiled = await self._thread.call(self._grammar, params)
+
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         if params.json_schema is None and params.tool_grammar is None:
             return self.scheduler.stream(prompt_ids, params)
@@ -166,7 +170,7 @@ class LlamaCppBackend(Backend):
 
     async def _constrained(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         # a grammar is built on the engine thread: a large schema never stalls the loop
-        grammar = await self._thread.call(self._grammar, params)
+        grammar = params.compiled if params.compiled is not None else await self._thread.call(self._grammar, params)
         async with aclosing(self.scheduler.stream(prompt_ids, params, grammar)) as deltas:
             async for delta in deltas:
                 yield delta

@@ -136,6 +136,10 @@ class TransformersBackend(Backend):
     async def encode_text(self, text):
         return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])
 
+    async def prepare(self, params: SamplingParams) -> None:
+        if params.json_schema is not None or params.tool_grammar is not None:
+            params.compiled = await self._thread.call(self._grammar, params)
+
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         if params.json_schema is None and params.tool_grammar is None:
             return self.batcher.stream(prompt_ids, params)
@@ -144,7 +148,7 @@ class TransformersBackend(Backend):
     async def _constrained(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         # compiling a grammar takes long (the first one builds the vocabulary's tables):
         # on the model's worker thread, so the event loop keeps every other stream going
-        grammar = await self._thread.call(self._grammar, params)
+        grammar = params.compiled if params.compiled is not None else await self._thread.call(self._grammar, params)
         stream = self.batcher.stream(prompt_ids, params, grammar)
         try:
             async for delta in stream:

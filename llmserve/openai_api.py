@@ -189,6 +189,7 @@ class OpenAIOperations:
                 raise InvalidRequest("The prompt is empty: give at least one token of text.",
                                      param="messages" if chat else "prompt", code="empty_prompt")
             params = self._sampling(req, len(prompt_ids), backend, calls)
+            await backend.prepare(params)  # a constraint the engine cannot serve: refused before any byte
             # n choices are n generations of the same prompt (seeded ones with seed, seed+1, ...)
             choices = [params if i == 0 else replace(params, seed=None if params.seed is None else params.seed + i)
                        for i in range(req.n)]

@@ -204,11 +204,8 @@ def test_a_schema_the_engine_cannot_constrain_to_is_the_clients_400_naming_the_f
     error = r.json()["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", "response_format"), error
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=BOUND) as s:
-        if s.status_code == 400:  # refused before the first byte
-            error = json.loads(s.read())["error"]
-        else:  # or as the stream's error event
-            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
-            error = events[-1]["error"]
+        assert s.status_code == 400  # streamed too: refused before the first byte (Backend.prepare)
+        error = json.loads(s.read())["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", "response_format"), error
 
 
