@@ -157,7 +157,17 @@ class LlamaCppBackend(Backend):
         return await self._thread.call(self.model.tokenize, text.encode("utf-8"), True, False)
 
     def vocab_size(self) -> int:
+        if self.llm is not None:  # an embedding alias
+            return self.llm.n_vocab()
         return self._lib.llama_vocab_n_tokens(self.model.vocab)
+
+    async def decode(self, ids: list[int]) -> str:
+        """Token ids back to text (token-id input of embeddings), on the engine thread."""
+        def detokenize() -> str:
+            data = self.llm.detokenize(ids) if self.llm is not None else self.model.detokenize(ids, special=False)
+            return data.decode("utf-8", errors="replace")
+
+        return await self._thread.call(detokenize)
 
     async def prepare(self, params: SamplingParams) -> None:
         if params.json_schema is not None or params.tool_grammar is not None:

@@ -136,6 +136,10 @@ class TransformersBackend(Backend):
     async def encode_text(self, text):
         return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])
 
+    async def decode(self, ids: list[int]) -> str:
+        """Token ids back to text (token-id input of embeddings), on the model's thread."""
+        return await self._thread.call(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
+
     async def prepare(self, params: SamplingParams) -> None:
         if params.json_schema is not None or params.tool_grammar is not None:
             params.compiled = await self._thread.call(self._grammar, params)

@@ -222,12 +222,35 @@ def test_embedding_dimensions_equal_to_the_models_own_are_served(http):
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
 
 
-@pytest.mark.parametrize("ids", [[12, 34, 56], [[12, 34, 56], [78, 90]]])
-def test_embedding_token_id_input_is_read_as_token_ids(http, ids):
-    """OpenAI takes token ids as input. They are read as such (not refused as a wrong type);
-    engines embed text, so an engine whose backend offers no ``decode`` says it cannot take them."""
-    r = http.post("/v1/embeddings", json={"model": "minilm", "input": ids})
-    if r.status_code == 200:
-        assert len(r.json()["data"]) == (len(ids) if isinstance(ids[0], list) else 1)
+@pytest.mark.parametrize("model", ["minilm", "smollm2-embed"])  # Transformers, llama.cpp
+def test_embedding_token_id_input_embeds_the_text_those_ids_spell(http, model):
+    """OpenAI takes token ids as input: here they are the model's own vocabulary's, decoded by its
+    tokenizer; one list or several, each embedded like the text they spell."""
+    import math
+
+    def embed(inp):
+        r = http.post("/v1/embeddings", json={"model": model, "input": inp})
+        assert r.status_code == 200, r.text
+        return [d["embedding"] for d in r.json()["data"]]
+
+    words = ["a small cat", "the red house"]
+    if model == "minilm":
+        from transformers import AutoTokenizer
+
+        from llmserve.config import load_settings
+
+        tok = AutoTokenizer.from_pretrained(str(load_settings().models["minilm"].location()))
+        ids = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
     else:
-        assert_openai_error(r, 400, param="input", code="unsupported_value", contains="token-id input")
+        import llama_cpp
+
+        from llmserve.config import load_settings
+
+        vocab = llama_cpp.Llama(model_path=str(load_settings().models["smollm2-embed"].location()), vocab_only=True,
+                                verbose=False)
+        ids = [vocab.tokenize(w.encode(), add_bos=False, special=False) for w in words]
+    (one,) = embed(ids[0])  # a single list of ids is one input
+    from_ids, from_text = embed(ids), embed(words)
+    for a, b in zip([one] + from_ids, [from_text[0]] + from_text):
+        cos = sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+        assert cos > 0.999, cos
