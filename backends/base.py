@@ -191,12 +191,3 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def __getattr__(name: str):
-    # llmserve/openai_api.py imports with_stops from here; its home is text.py (which imports this)
-    if name == "with_stops":
-        from .text import with_stops
-
-        return with_stops
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

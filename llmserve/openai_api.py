@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Optional, Union
 
-from backends.base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, TokenLogprob, with_stops
+from backends.base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, SamplingParams, TokenLogprob
+from backends.text import with_stops
 from . import tools
 from .config import Settings
 from .errors import APIError, InvalidRequest, internal_error, to_api_error

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import BaseModel, Field
 
 from llmserve.launcher import ServerProcess, bentoml_serve
 
@@ -48,6 +49,21 @@ def server():
     s = start_server()
     yield s
     s.stop()
+
+
+class Capital(BaseModel):
+    """The structured answer the response_format / text.format tests ask for."""
+
+    city: str = Field(max_length=16)  # bounded, so a 135M model's answer always ends
+    is_capital: bool
+
+
+@pytest.fixture(params=ALL_GENERATIVE)
+def alias(request):
+    """Each of the three engines' chat aliases (vLLM's loaded on first use); a module may override it."""
+    if request.param == "smollm2-vllm":
+        request.getfixturevalue("vllm_loaded")
+    return request.param
 
 
 @pytest.fixture(scope="session")

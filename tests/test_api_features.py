@@ -9,9 +9,8 @@ from collections import Counter
 
 import jsonschema
 import pytest
-from pydantic import BaseModel, Field
 
-from tests.conftest import ALL_GENERATIVE
+from tests.conftest import Capital
 from tests.test_errors import assert_openai_error
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -28,16 +27,6 @@ WEATHER = {
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
-class Capital(BaseModel):
-    city: str = Field(max_length=16)  # bounded, so a 135M model's answer always ends
-    is_capital: bool
-
-
-@pytest.fixture(params=ALL_GENERATIVE)
-def alias(request):
-    if request.param == "smollm2-vllm":
-        request.getfixturevalue("vllm_loaded")
-    return request.param
 
 
 def test_parse_with_a_pydantic_model_returns_a_valid_object(oai, alias):

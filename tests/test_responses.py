@@ -13,9 +13,8 @@ import bentoml
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel, Field
 
-from tests.conftest import ALL_GENERATIVE, start_server
+from tests.conftest import Capital, start_server
 from tests.test_disconnects import BOUND
 from tests.test_errors import assert_openai_error
 
@@ -34,16 +33,6 @@ CALL_EVENTS = ["response.output_item.added", "response.function_call_arguments.d
                "response.function_call_arguments.done", "response.output_item.done"]
 
 
-class Capital(BaseModel):
-    city: str = Field(max_length=16)  # bounded, so a 135M model's answer always ends
-    is_capital: bool
-
-
-@pytest.fixture(params=ALL_GENERATIVE)
-def alias(request):
-    if request.param == "smollm2-vllm":
-        request.getfixturevalue("vllm_loaded")
-    return request.param
 
 
 def collapsed(types: list[str]) -> list[str]:
