@@ -43,6 +43,15 @@ class TransformersArgs(StrictModel):
     random_weights: bool = False
     max_batch: int = Field(16, ge=1)  # requests decoded together; more wait in a queue
     prefill_chunk: int = Field(128, ge=1)  # prompt tokens prefilled per step beside the decoding batch
+    # which scheduler generates: "loop" our own BatchLoop (fastest on CPU), "paged" transformers'
+    # continuous batching with a paged KV cache (transformers_paged.py); "auto": paged on a GPU
+    engine: Literal["auto", "loop", "paged"] = "auto"
+    attn_implementation: Optional[str] = None  # e.g. "sdpa", "flash_attention_2"; None: transformers' choice
+    # the paged engine's KV cache: this many blocks, else this fraction of the memory left free
+    # after the weights (bounded here so other aliases can share the GPU; transformers takes 0.9)
+    kv_cache_blocks: Optional[int] = Field(None, ge=1)
+    kv_cache_memory_fraction: float = Field(0.5, gt=0, le=0.95)
+    max_batch_tokens: Optional[int] = Field(None, ge=16)  # the paged engine's tokens per step (prompts too)
 
     @property
     def concurrency(self) -> int:

@@ -8,6 +8,11 @@ its own sampling parameters and random generator. On CPU this measured faster th
 transformers' own ContinuousBatchingManager (ENVIRONMENT.md: 29 tok/s for 8 sequences
 against 71 for a padded batch).
 
+On a GPU (TransformersArgs ``engine``: "auto" there, or "paged") transformers' own continuous
+batching generates instead (transformers_paged.PagedEngine: a paged KV cache of a bounded size);
+it serves plain sampling, and the fields it cannot (logprobs, penalties, logit_bias, grammars,
+seed) are refused with a 400 naming them.
+
 Embeddings run on the model's worker thread, concurrent requests joined into one forward
 pass (EmbeddingBatcher).
 """
@@ -23,6 +28,7 @@ from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, Samp
 from .errors import BadInput, NotInstalled
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, top_logprobs
+from .transformers_paged import PagedEngine
 from .grammar import structural_tag
 
 
@@ -43,7 +49,8 @@ class TransformersBackend(Backend):
 
     model = None
     tokenizer = None
-    batcher: Optional["BatchLoop"] = None  # generation aliases
+    batcher: Optional["BatchLoop"] = None  # generation aliases on our own loop
+    paged: Optional[PagedEngine] = None  # or on transformers' continuous batching
     _grammar_compiler = None  # xgrammar's, made on the first constrained request
 
     async def load(self) -> None:
@@ -68,12 +75,15 @@ class TransformersBackend(Backend):
             model_kwargs["dtype"] = torch.float32  # GGUF dequantizes; fp32 on CPU answers best
         if args.device_map:
             model_kwargs["device_map"] = args.device_map
+        if args.attn_implementation:
+            model_kwargs["attn_implementation"] = args.attn_implementation
         self.tokenizer = tf.AutoTokenizer.from_pretrained(self.config.tokenizer or location, **kwargs)
         auto = tf.AutoModel if self.config.task == "embed" else tf.AutoModelForCausalLM
         if args.random_weights:  # like vLLM's load_format=dummy: real shapes, random weights
             config = tf.AutoConfig.from_pretrained(location, **kwargs)
             with torch.device(args.device_map or "cpu"):  # built where it runs, not copied there
-                self.model = auto.from_config(config, dtype=model_kwargs.get("dtype", torch.float32)).eval()
+                self.model = auto.from_config(config, dtype=model_kwargs.get("dtype", torch.float32),
+                                              attn_implementation=args.attn_implementation).eval()
         else:
             self.model = auto.from_pretrained(location, **model_kwargs).eval()
         cfg = self.model.config
@@ -89,17 +99,26 @@ class TransformersBackend(Backend):
             ids = getattr(source, "eos_token_id", None)
             if ids is not None:
                 eos.update(ids if isinstance(ids, list) else [ids])
+        if args.engine == "paged" or (args.engine == "auto" and self.model.device.type == "cuda"):
+            self.paged = PagedEngine(self.model, self.tokenizer, eos, max_batch=args.max_batch,
+                                     num_blocks=args.kv_cache_blocks, memory_fraction=args.kv_cache_memory_fraction,
+                                     max_batch_tokens=args.max_batch_tokens, name=f"hf-paged-{self.alias}")
+            self.paged.warm_up(self.tokenizer("Hello")["input_ids"] or [0])
+            self.features = frozenset()  # its per-request processors: temperature, top_k, top_p only
+            return
         self.batcher = BatchLoop(torch, self.model, self.tokenizer, eos, args.max_batch, args.prefill_chunk,
                                  name=f"hf-batch-{self.alias}")
 
     async def unload(self) -> None:
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.close)
+        if self.paged is not None:
+            await asyncio.to_thread(self.paged.close)
         await self._thread.call(self._unload_sync)
         self._thread.shutdown()
 
     def _unload_sync(self) -> None:
-        self.model = self.tokenizer = self.batcher = None
+        self.model = self.tokenizer = self.batcher = self.paged = None
         release_memory()
 
     def capabilities(self) -> set[str]:
@@ -111,17 +130,24 @@ class TransformersBackend(Backend):
         return caps
 
     def running_requests(self) -> int:
+        if self.paged is not None:
+            return self.paged.active
         return self.batcher.busy() if self.batcher else self._embedder.running
 
     def describe(self):
         info = super().describe()
-        if self.batcher:
-            info.update(max_batch=self.batcher.max_batch, queued_requests=self.batcher.queued())
+        if self.paged is not None:
+            info.update(engine="paged", max_batch=self.config.transformers.max_batch, kv_cache=self.paged.kv_cache(),
+                        attn_implementation=self.model.config._attn_implementation)
+        elif self.batcher:
+            info.update(engine="loop", max_batch=self.batcher.max_batch, queued_requests=self.batcher.queued())
         else:
             info.update(embedding_batches=self._embedder.batches)
         return info
 
     def failure(self):
+        if self.paged is not None:
+            return self.paged.failure()
         return self.batcher.failure if self.batcher is not None else None
 
     def context_length(self) -> int:
@@ -141,10 +167,16 @@ class TransformersBackend(Backend):
         return await self._thread.call(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
 
     async def prepare(self, params: SamplingParams) -> None:
+        if self.paged is not None and params.seed is not None:
+            raise BadInput("`seed` is not supported by the transformers engine that serves this model (its "
+                           "continuous batching has no per-request random generator).", param="seed",
+                           code="unsupported_parameter")
         if params.json_schema is not None or params.tool_grammar is not None:
             params.compiled = await self._thread.call(self._grammar, params)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        if self.paged is not None:
+            return self.paged.stream(prompt_ids, params)
         if params.json_schema is None and params.tool_grammar is None:
             return self.batcher.stream(prompt_ids, params)
         return self._constrained(prompt_ids, params)

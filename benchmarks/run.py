@@ -139,6 +139,8 @@ def raw_server(backend: str, alias: str, config_path: Path | None, log_path: Pat
         dtype = "float32" if a.dtype == "auto" and str(cfg.location()).endswith(".gguf") else a.dtype
         cmd = [str(BIN / "transformers"), "serve", str(location), "--continuous-batching", "--host", "127.0.0.1",
                "--port", str(port), "--device", a.device_map or "cpu", "--dtype", dtype]
+        if a.attn_implementation:  # the alias's attention kernel, so both sides run the same one
+            cmd += ["--attn-implementation", a.attn_implementation]
         server = ServerProcess(cmd, port, log_path, {}, "/health")
         server.model = str(location)  # a pinned transformers serve answers 400 to any other model name
         return server

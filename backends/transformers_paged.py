@@ -1,0 +1,135 @@
+"""Generation through transformers' own continuous batching (ContinuousBatchingManager): a paged
+KV cache of a fixed size, requests scheduled by transformers' loop thread, CUDA graphs where its
+attention path has them. The Transformers backend uses it for models on a GPU (TransformersArgs
+``engine``), where our own BatchLoop copies every layer's cache at each admission.
+
+This class turns the manager's per-request outputs (the whole token list so far, delivered on
+the event loop by a handler registered before the request is added) into the Backend's Delta
+stream: text, completion tokens, finish reason, counted here, as BatchLoop does. Sampling is
+per request through transformers' per-request logits processors (temperature, top_k, top_p);
+greedy is top_k 1, so no temperature divides the logits. What those processors cannot do
+(logprobs, penalties, logit_bias, grammars, a seed) the backend refuses before the stream starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, AsyncIterator, Optional
+
+from .base import Delta, SamplingParams
+from .errors import EngineFailure
+from .text import IncrementalDetokenizer
+
+
+class PagedEngine:
+    """One ContinuousBatchingManager over a loaded causal LM, started and warmed up at once."""
+
+    def __init__(self, model, tokenizer, eos: set[int], *, max_batch: int, num_blocks: Optional[int],
+                 memory_fraction: float, max_batch_tokens: Optional[int], name: str):
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        self.tokenizer, self.eos, self.name = tokenizer, sorted(eos), name
+        self.vocab = model.config.get_text_config().vocab_size
+        # processors exist only for settings away from their neutral value: these placeholders
+        # make all three, and every request then passes its own values
+        generation = GenerationConfig(do_sample=True, temperature=0.5, top_k=50, top_p=0.5,
+                                      eos_token_id=self.eos or None, pad_token_id=self.eos[0] if self.eos else None)
+        config = ContinuousBatchingConfig(
+            num_blocks=num_blocks,
+            max_memory_percent=memory_fraction,  # of the memory left free after the weights, not transformers' 0.9
+            max_batch_tokens=max_batch_tokens,
+            max_requests_per_batch=max_batch,
+            per_request_processors=True,
+        )
+        self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+        self.manager.warmup()  # builds the paged cache and captures the CUDA graphs before any request
+        self.manager.start()
+        self._ids = itertools.count()
+        self.active = 0  # streams open now
+
+    def warm_up(self, prompt: list[int]) -> None:
+        """One short generation at load (on a worker thread), so the first client's request does
+        not pay for the loop's first batches."""
+        rid = self.manager.add_request(list(prompt), request_id=f"{self.name}-warmup", max_new_tokens=2,
+                                       temperature=1.0, top_k=1, top_p=1.0)
+        for out in self.manager.request_id_iter(rid):
+            if out.error is not None:
+                raise EngineFailure("The engine failed its warm-up request.", detail=out.error)
+
+    def kv_cache(self) -> dict[str, Any]:
+        """The paged cache's size: blocks, tokens per block, bytes on the device."""
+        cache = getattr(self.manager.batch_processor, "cache", None)
+        if cache is None:
+            return {}
+        if getattr(cache, "cache_tensor", None) is not None:  # transformers >= 5.19: one buffer
+            size = cache.cache_tensor.nbytes
+        else:  # 5.17: one key and one value tensor per layer group
+            size = sum(t.nbytes for t in list(getattr(cache, "key_cache", ())) + list(getattr(cache, "value_cache", ())))
+        config = self.manager.continuous_batching_config  # page_size from 5.19, block_size before
+        block = getattr(config, "page_size", None) or getattr(config, "block_size", None)
+        return {"blocks": int(cache.num_blocks), "block_tokens": block, "bytes": int(size)}
+
+    def failure(self) -> Optional[str]:
+        error = self.manager.background_thread_status.fatal_error
+        if error is not None:
+            return f"its continuous-batching loop stopped ({error})"
+        if not self.manager.is_running():
+            return "its continuous-batching loop is not running"
+        return None
+
+    def close(self) -> None:
+        self.manager.stop(block=True, timeout=30)
+
+    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        failure = self.failure()
+        if failure is not None:
+            raise EngineFailure("The engine cannot serve this request now.", detail=failure)
+        manager = self.manager
+        rid = f"{self.name}-{next(self._ids)}"
+        outputs: asyncio.Queue = asyncio.Queue()
+        manager.register_result_handler(rid, outputs.put_nowait)  # before the request: a fast one is not missed
+        if params.greedy():
+            sampling = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        else:
+            sampling = {"temperature": float(params.temperature), "top_k": int(params.top_k or self.vocab),
+                        "top_p": float(params.top_p)}
+        self.active += 1
+        finished = False
+        try:
+            added = manager.add_request(list(prompt), request_id=rid, max_new_tokens=params.max_tokens,
+                                        streaming=True, eos_token_id=-1 if params.ignore_eos else None, **sampling)
+            if added is None:  # the manager is stopping
+                raise EngineFailure("The engine cannot serve this request now.", detail="its loop is stopping")
+            detok = IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), prompt)
+            n = 0
+            while True:
+                out = await outputs.get()
+                if out.error is not None:
+                    finished = True
+                    raise EngineFailure("The engine failed on this request.", detail=out.error)
+                for token in out.generated_tokens[n:]:
+                    n += 1
+                    if token in self.eos and not params.ignore_eos:
+                        finished = True
+                        yield Delta("", n, "stop")
+                        return
+                    text = detok.add(token)
+                    if n >= params.max_tokens:
+                        finished = True
+                        yield Delta(text, n, "length")
+                        return
+                    yield Delta(text, n)
+                if out.is_finished():  # ended by the manager itself with no token we stop on
+                    finished = True
+                    yield Delta("", n, "stop")
+                    return
+        finally:
+            self.active -= 1
+            if not finished:  # client gone or stop string found: free its blocks
+                manager.cancel_request(rid)
+            # a cancelled request gets no last output, so its handler is not dropped by itself
+            router = getattr(manager, "output_router", None)
+            if router is not None:
+                with router._lock:
+                    router.result_handlers.pop(rid, None)
