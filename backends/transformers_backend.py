@@ -103,7 +103,7 @@ class TransformersBackend(Backend):
             self.paged = PagedEngine(self.model, self.tokenizer, eos, max_batch=args.max_batch,
                                      num_blocks=args.kv_cache_blocks, memory_fraction=args.kv_cache_memory_fraction,
                                      max_batch_tokens=args.max_batch_tokens, name=f"hf-paged-{self.alias}")
-            self.paged.warm_up(self.tokenizer("Hello")["input_ids"] or [0])
+            self.paged.warm_up(cuda=self.model.device.type == "cuda")
             self.features = frozenset()  # its per-request processors: temperature, top_k, top_p only
             return
         self.batcher = BatchLoop(torch, self.model, self.tokenizer, eos, args.max_batch, args.prefill_chunk,

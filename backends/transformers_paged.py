@@ -29,7 +29,7 @@ class PagedEngine:
                  memory_fraction: float, max_batch_tokens: Optional[int], name: str):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        self.tokenizer, self.eos, self.name = tokenizer, sorted(eos), name
+        self.tokenizer, self.eos, self.name, self.max_batch = tokenizer, sorted(eos), name, max_batch
         self.vocab = model.config.get_text_config().vocab_size
         # processors exist only for settings away from their neutral value: these placeholders
         # make all three, and every request then passes its own values
@@ -48,14 +48,25 @@ class PagedEngine:
         self._ids = itertools.count()
         self.active = 0  # streams open now
 
-    def warm_up(self, prompt: list[int]) -> None:
-        """One short generation at load (on a worker thread), so the first client's request does
-        not pay for the loop's first batches."""
-        rid = self.manager.add_request(list(prompt), request_id=f"{self.name}-warmup", max_new_tokens=2,
-                                       temperature=1.0, top_k=1, top_p=1.0)
-        for out in self.manager.request_id_iter(rid):
-            if out.error is not None:
-                raise EngineFailure("The engine failed its warm-up request.", detail=out.error)
+    def warm_up(self, cuda: bool) -> None:
+        """Short generations at load (on a worker thread), so the first clients do not pay for
+        the loop's first batches. On a GPU, waves of 1, 2, 4 ... max_batch requests: transformers
+        captures a CUDA graph the first time it meets a batch shape, which took seconds at 64
+        streams on an H100 (benchmarks/RESULTS.md, issue 27)."""
+        n, top = 1, self.max_batch if cuda else 1
+        while True:
+            for i in range(n):  # distinct prompts: shared prefixes would skip the prefill shapes
+                prompt = [(i * 7919 + j * 31) % (self.vocab - 16) + 8 for j in range(96)]
+                self.manager.add_request(prompt, request_id=f"{self.name}-warmup-{n}-{i}", max_new_tokens=8,
+                                         eos_token_id=-1, temperature=1.0, top_k=1, top_p=1.0)
+            for _ in range(n):
+                out = self.manager.get_result(timeout=300)
+                if out is None or out.error is not None:
+                    raise EngineFailure("The engine failed its warm-up requests.",
+                                        detail=out.error if out is not None else "no answer in 300 s")
+            if n >= top:
+                return
+            n = min(2 * n, top)
 
     def kv_cache(self) -> dict[str, Any]:
         """The paged cache's size: blocks, tokens per block, bytes on the device."""
