@@ -90,7 +90,9 @@ class PagedEngine:
         return None
 
     def close(self) -> None:
-        self.manager.stop(block=True, timeout=30)
+        # a hard stop: requests still running end with an error now, as BatchLoop's do, instead
+        # of the manager finishing them first
+        self.manager.stop(block=True, timeout=30, hard_stop=True)
 
     async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         failure = self.failure()
