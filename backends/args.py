@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
@@ -52,6 +52,17 @@ class TransformersArgs(StrictModel):
     kv_cache_blocks: Optional[int] = Field(None, ge=1)
     kv_cache_memory_fraction: float = Field(0.5, gt=0, le=0.95)
     max_batch_tokens: Optional[int] = Field(None, ge=16)  # the paged engine's tokens per step (prompts too)
+
+    @model_validator(mode="after")
+    def _knobs_of_the_chosen_engine(self):
+        # under "auto" the engine is known only at load (the device): each ignores the other's knobs
+        unused = {"loop": ("kv_cache_blocks", "kv_cache_memory_fraction", "max_batch_tokens"),
+                  "paged": ("prefill_chunk",)}.get(self.engine, ())
+        for key in unused:
+            if key in self.model_fields_set:
+                raise ValueError(f"`{key}` has no effect under engine: {self.engine} (it sets the "
+                                 f"{'paged' if self.engine == 'loop' else 'loop'} engine); remove it")
+        return self
 
     @property
     def concurrency(self) -> int:

@@ -100,10 +100,14 @@ class TransformersBackend(Backend):
             if ids is not None:
                 eos.update(ids if isinstance(ids, list) else [ids])
         if args.engine == "paged" or (args.engine == "auto" and self.model.device.type == "cuda"):
-            self.paged = PagedEngine(self.model, self.tokenizer, eos, max_batch=args.max_batch,
-                                     num_blocks=args.kv_cache_blocks, memory_fraction=args.kv_cache_memory_fraction,
-                                     max_batch_tokens=args.max_batch_tokens, name=f"hf-paged-{self.alias}")
-            self.paged.warm_up(cuda=self.model.device.type == "cuda")
+            try:  # a failed start or warm-up has stopped its loop thread; the model goes too
+                self.paged = PagedEngine(self.model, self.tokenizer, eos, max_batch=args.max_batch,
+                                         num_blocks=args.kv_cache_blocks, memory_fraction=args.kv_cache_memory_fraction,
+                                         max_batch_tokens=args.max_batch_tokens, name=f"hf-paged-{self.alias}",
+                                         cuda=self.model.device.type == "cuda")
+            except BaseException:
+                self._unload_sync()
+                raise
             self.features = frozenset()  # its per-request processors: temperature, top_k, top_p only
             return
         self.batcher = BatchLoop(torch, self.model, self.tokenizer, eos, args.max_batch, args.prefill_chunk,
@@ -131,7 +135,7 @@ class TransformersBackend(Backend):
 
     def running_requests(self) -> int:
         if self.paged is not None:
-            return self.paged.active
+            return self.paged.running()
         return self.batcher.busy() if self.batcher else self._embedder.running
 
     def describe(self):
@@ -151,6 +155,8 @@ class TransformersBackend(Backend):
         return self.batcher.failure if self.batcher is not None else None
 
     def context_length(self) -> int:
+        if self.paged is not None:  # one request must fit the paged cache
+            return min(self._ctx, self.paged.max_tokens)
         return self._ctx
 
     async def encode_chat(self, messages, tools=None, template=None):
