@@ -165,6 +165,8 @@ def test_streams_ended_early_leave_no_output_behind_and_their_handlers_go(tiny):
     engine = paged_engine(tiny)
     router = engine.manager.output_router
     router.output_queue = CountingQueue()  # nobody reads it once the engine serves
+    # steps of 20 ms: a stream closed on the event loop meets a step in flight, whose output comes late
+    slow = tiny.register_forward_pre_hook(lambda *_: time.sleep(0.02))
 
     async def leave_early():
         for _ in range(4):  # a stop string or a client gone: the stream is closed mid-generation
@@ -179,6 +181,7 @@ def test_streams_ended_early_leave_no_output_behind_and_their_handlers_go(tiny):
         asyncio.run(leave_early())
         assert router.output_queue.puts == 0  # every late output went to a handler, none piled up
     finally:
+        slow.remove()
         engine.close()
 
 

@@ -2,8 +2,9 @@
 # Issue 27 on one GPU, in one job (~15 min on an H100; carried wheels installed in /tmp/site):
 #   setsid nohup bash benchmarks/gpu/run_hf_paged.sh > /root/job.log 2>&1 < /dev/null &
 # Llama-3-8B shape, random weights, 128 output tokens, 20 s cells at c = 1 64 256, one server per
-# target for all its cells (--reuse-server); the Transformers c=256 cells run 75 s, as at ~500
-# tok/s 256 streams of 128 tokens take ~60 s to finish their first requests:
+# target for all its cells (--reuse-server); the Transformers c=256 cells run 75 s: at the
+# ~1,400 tok/s measured 256 streams of 128 tokens take ~25 s to finish their first requests, and
+# a 20 s cell of `transformers serve` finished none (benchmarks/RESULTS.md, issue 27):
 #   1. the Transformers alias through the service (transformers' continuous batching, SDPA)
 #      against `transformers serve --continuous-batching --attn-implementation sdpa`;
 #   2. the vLLM alias through the service against vLLM's own api_server (gpu.yaml).
