@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 class PagedEngine:
     """One ContinuousBatchingManager over a loaded causal LM, started and warmed up at once."""
 
+    poll_s = 1.0  # how often open streams check that transformers' loop still runs
+
     def __init__(self, model, tokenizer, eos: set[int], *, max_batch: int, num_blocks: Optional[int],
                  memory_fraction: float, max_batch_tokens: Optional[int], name: str, cuda: bool):
         from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -52,7 +54,7 @@ class PagedEngine:
         self._ids = itertools.count()
         self._open: dict[str, asyncio.Queue] = {}  # rid -> outputs, of the streams open now
         self._cancelled: dict[str, Optional[tuple[int, float]]] = {}  # rid -> (batch count, time) seen gone
-        self._watching = False
+        self._watching: Optional[asyncio.AbstractEventLoop] = None  # the loop _watch runs on
         try:
             self.manager.warmup()  # builds the paged cache and captures the CUDA graphs before any request
             self.max_tokens = self._max_tokens()
@@ -163,27 +165,25 @@ class PagedEngine:
         None (a failure) instead of waiting out the service's stall timeout."""
         self._sweep()
         if not self._open and not self._cancelled:
-            self._watching = False
+            self._watching = None
             return
         if self._open and self.failure() is not None:
             for outputs in self._open.values():
                 outputs.put_nowait(None)
         loop.call_later(self.poll_s, self._watch, loop)
 
-    poll_s = 1.0
-
     async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         failure = self.failure()
         if failure is not None:
             raise EngineFailure("The engine cannot serve this request now.", detail=failure)
-        manager, tokenizer = self.manager, self.tokenizer  # unloading clears them; a slow consumer still decodes
+        manager, tokenizer = self.manager, self.tokenizer  # bound: a slow consumer decodes on after an unload
         rid = f"{self.name}-{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         manager.register_result_handler(rid, outputs.put_nowait)  # before the request: a fast one is not missed
         self._open[rid] = outputs
-        if not self._watching:
-            self._watching = True
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._watching is not loop:
+            self._watching = loop
             loop.call_later(self.poll_s, self._watch, loop)
         if params.greedy():
             sampling = {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
@@ -226,7 +226,7 @@ class PagedEngine:
                 # (without one they pile up in the manager's output_queue) until _sweep drops it;
                 # a cancelled request gets no last output, so its handler is not dropped by itself
                 with manager.output_router._lock:
-                    manager.output_router.result_handlers[rid] = (_ignore, asyncio.get_running_loop())
+                    manager.output_router.result_handlers[rid] = (_ignore, loop)
                 self._cancelled[rid] = None
 
 
