@@ -1,20 +1,15 @@
 #!/usr/bin/env bash
 # Builds the CPU image and checks that it starts, answers, runs as a non-root user, writes nothing
-# into its source tree and stops on SIGTERM (tests/test_container.py). CI runs the --local-base form.
+# into its source tree and stops on SIGTERM (tests/test_container.py). CI runs the --local-base form
+# after the suite (.ci/run).
 #   bash scripts/test_container.sh               # on python:3.11-slim (needs Docker Hub)
 #   bash scripts/test_container.sh --local-base  # on a base made here (scripts/container_base.sh)
-# Where no Docker daemon answers and buildah / debootstrap are missing, installs them (root, apt).
+# Sets up .venv (scripts/setup.sh: nothing to do when it is current) and, where no Docker daemon
+# answers, installs buildah / debootstrap (scripts/setup_container_tools.sh: root, apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! docker info >/dev/null 2>&1; then
-  need=()
-  command -v buildah >/dev/null || need+=(buildah)
-  [ "${1:-}" = --local-base ] && ! command -v debootstrap >/dev/null && need+=(debootstrap)
-  if ((${#need[@]})); then
-    [ "$(id -u)" = 0 ] || { echo "test_container: install ${need[*]} (apt-get, as root)" >&2; exit 2; }
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  fi
-fi
+bash scripts/setup.sh
+bash scripts/setup_container_tools.sh "$@"
 start=$(date +%s)
 if [ "${1:-}" = --local-base ]; then bash scripts/container_base.sh; fi
 bash scripts/containerize.sh "$@"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,15 @@ STARTUP_TIMEOUT = float(os.environ.get("LLMSERVE_TEST_STARTUP_TIMEOUT", "300"))
 FAULT_SEEDS = {"admit": 424_242_001, "sample": 424_242_002, "detokenize": 424_242_003, "loop": 424_242_004,
                "trim": 424_242_005}
 FAULTS_ENV = ",".join(f"{stage}:{seed}" for stage, seed in FAULT_SEEDS.items())
+
+
+def wait_for(condition, what: str, bound: float = 30.0) -> None:
+    """Waits until ``condition()`` holds, failing with ``what`` after ``bound`` seconds (a bound
+    that holds on a busy 2-core machine)."""
+    deadline = time.monotonic() + bound
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}, still after {bound:.0f} s"
+        time.sleep(0.1)
 
 
 def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-server") -> ServerProcess:

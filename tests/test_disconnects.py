@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from conftest import GENERATIVE
+from conftest import GENERATIVE, wait_for
 
-BOUND = 30.0  # seconds; an abort takes effect at the engine's next step (well under a second idle)
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0.8}
 CHAT = {"messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}], **LONG}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
@@ -33,6 +32,9 @@ PATHS = {
     "echo": ("/v1/completions", {"prompt": "Once upon a time", **LONG, "stream": True, "echo": True}),
     "non-streamed": ("/v1/chat/completions", CHAT),
     "non-streamed n>1": ("/v1/completions", {"prompt": "Once upon a time", **LONG, "n": 2}),
+    # BentoML's native APIs (service.py): the same operations behind BentoML's own routes
+    "native non-streamed": ("/chat", CHAT),
+    "native non-streamed completion": ("/complete", {"prompt": "Once upon a time", **LONG}),
 }
 
 
@@ -55,13 +57,6 @@ def counts(server, http, model: str) -> dict[str, float]:
     row = http.get(f"/v1/models/{model}").json()
     return {"engine": row["running_requests"], "in_use": row["in_use"],
             "gauge": server.metric("llm_requests_running", model=model)}
-
-
-def wait_for(condition, what: str, bound: float = BOUND) -> None:
-    deadline = time.monotonic() + bound
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}, still after {bound:.0f} s"
-        time.sleep(0.1)
 
 
 def idle(server, http, model: str) -> bool:

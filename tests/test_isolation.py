@@ -262,6 +262,59 @@ def test_llamacpp_embeds_inputs_longer_than_a_batch_whole_and_refuses_longer_tha
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
 
 
+def _hellos(vocab, n: int) -> str:
+    """A text of exactly ``n`` SmolLM2 tokens, BOS included ("hello" is one token)."""
+    text = "hello " * (n - 1)
+    assert len(vocab.tokenize(text.encode(), add_bos=True, special=False)) == n
+    return text
+
+
+@pytest.fixture(scope="module")
+def smollm2_vocab():
+    import llama_cpp
+
+    from llmserve.config import load_settings
+
+    return llama_cpp.Llama(model_path=str(load_settings().models["smollm2-embed"].location()), vocab_only=True,
+                           verbose=False)
+
+
+def test_llamacpp_embeds_an_input_of_its_whole_context_and_refuses_one_token_more(http, smollm2_vocab):
+    limit = 2048  # smollm2-embed's n_ctx (configuration.yaml), a multiple of llama.cpp's padding
+    r = http.post("/v1/embeddings", json={"model": "smollm2-embed", "input": _hellos(smollm2_vocab, limit)},
+                  timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == limit
+    assert http.get("/models/smollm2-embed").json()["context_length"] == limit
+    r = http.post("/v1/embeddings", json={"model": "smollm2-embed", "input": ["hi", _hellos(smollm2_vocab, limit + 1)]},
+                  timeout=300)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "input" and error["code"] == "context_length_exceeded" and "input[1]" in error["message"]
+
+
+async def test_a_llamacpp_embedding_context_llama_cpp_pads_is_one_batch_and_bounds_inputs_by_it(smollm2_vocab):
+    """n_ctx 600 becomes llama.cpp's 768: the batch is padded alike (an unpadded one aborts the
+    process) and an input up to 768 tokens is embedded whole, one more refused, none cut."""
+    from backends.errors import BadInput
+    from backends.llamacpp_backend import LlamaCppBackend
+    from llmserve.config import load_settings
+
+    config = load_settings().models["smollm2-embed"].model_copy(deep=True)
+    config.llamacpp.n_ctx = 600
+    backend = LlamaCppBackend("embed-600", config)
+    await backend.load()
+    try:
+        assert backend.context_length() == backend.llm.n_ctx() == backend.llm.n_batch == 768
+        whole = await backend.embed([_hellos(smollm2_vocab, 700), _hellos(smollm2_vocab, 768)])
+        assert whole.tokens == [700, 768] and len(whole.vectors) == 2
+        with pytest.raises(BadInput, match=r"input\[0\] has 769 tokens") as refused:
+            await backend.embed([_hellos(smollm2_vocab, 769)])
+        assert refused.value.param == "input"
+    finally:
+        await backend.unload()
+
+
 # -- in process: the error mapping, the sampler's arithmetic, work off the event loop --------------
 def test_engine_errors_become_openai_errors_naming_the_field_and_failures_hide_their_text(caplog):
     from backends.errors import BadInput, EngineFailure, NotInstalled
