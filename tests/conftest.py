@@ -28,7 +28,10 @@ FAULT_SEEDS = {"admit": 424_242_001, "sample": 424_242_002, "detokenize": 424_24
 FAULTS_ENV = ",".join(f"{stage}:{seed}" for stage, seed in FAULT_SEEDS.items())
 
 
-def wait_for(condition, what: str, bound: float = 30.0) -> None:
+BOUND = 30.0  # seconds: what a condition the tests wait on may take on a busy 2-core machine
+
+
+def wait_for(condition, what: str, bound: float = BOUND) -> None:
     """Waits until ``condition()`` holds, failing with ``what`` after ``bound`` seconds (a bound
     that holds on a busy 2-core machine)."""
     deadline = time.monotonic() + bound

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import GENERATIVE
+from conftest import GENERATIVE, wait_for
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke about cats.", "Name three colors.",
            "Write a haiku about the sea."]
@@ -93,7 +93,7 @@ def test_a_client_that_leaves_frees_its_place_within_a_second_while_the_others_f
 
 
 @pytest.mark.parametrize("model", GENERATIVE)
-def test_a_long_prompt_admitted_mid_stream_does_not_stall_the_other_streams(server, model):
+def test_a_long_prompt_admitted_mid_stream_does_not_stall_the_other_streams(server, http, model):
     """The bound: while a ~1,500-token prompt is prefilled (in chunks between decode steps),
     no gap between two chunks of a running stream is longer than half of the long
     request's own time to first token. Prefilled in one piece, a gap would take all of it."""
@@ -106,7 +106,7 @@ def test_a_long_prompt_admitted_mid_stream_does_not_stall_the_other_streams(serv
     threads = [threading.Thread(target=decoding_stream) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(1.5)  # both are decoding now
+    wait_for(lambda: running(http, model) == 2, "the two streams were not admitted")
     sent = time.monotonic()
     long = stream_chat(server.url, model, long_prompt, max_tokens=2, temperature=0)
     first_token = long["times"][0] if long["times"] else time.monotonic()

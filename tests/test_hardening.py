@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ROOT, start_server
+from tests.conftest import ROOT, start_server, wait_for
 from tests.test_errors import assert_openai_error
 
 INFERENCE, OTHER_INFERENCE, ADMIN = "inf-key-1", "inf-key-2", "adm-key-1"
@@ -166,7 +166,7 @@ def test_an_unload_under_load_ends_what_outlives_the_drain_with_an_error_and_the
 
     streaming = threading.Thread(target=long_stream)
     streaming.start()
-    time.sleep(1)
+    wait_for(lambda: events, "the stream sent nothing")  # mid-stream: the engine is generating
     started = time.monotonic()
     assert admin.post("/models/smollm2/unload").json()["was_loaded"] is True
     assert time.monotonic() - started < 5  # drain_timeout 1 s, then the unload

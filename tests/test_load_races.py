@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, start_server
-from tests.test_disconnects import BOUND, counts, send_and_keep_open, wait_for
+from tests.conftest import BOUND, ROOT, start_server, wait_for
+from tests.test_disconnects import counts, send_and_keep_open
 from tests.test_errors import assert_openai_error
 
 INFERENCE, ADMIN = "race-inf-key", "race-adm-key"
