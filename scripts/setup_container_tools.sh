@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs what scripts/test_container.sh needs to build and run the image where no Docker daemon
-# answers: buildah, and debootstrap for the --local-base form (Debian's packages, root, apt-get).
+# Installs what scripts/test_container.sh needs to build and run the image: buildah where no
+# Docker daemon answers; for --local-base buildah and debootstrap always (that form is buildah end
+# to end: the base is committed to buildah's storage). Debian's packages, root, apt-get.
 # Nothing happens where they are there already.
 #   bash scripts/setup_container_tools.sh [--local-base]
 set -euo pipefail
-docker info >/dev/null 2>&1 && exit 0
+[ "${1:-}" != --local-base ] && docker info >/dev/null 2>&1 && exit 0
 need=()
 command -v buildah >/dev/null || need+=(buildah)
 if [ "${1:-}" = --local-base ] && ! command -v debootstrap >/dev/null; then need+=(debootstrap); fi
