@@ -49,7 +49,11 @@ async def as_response(make, ctx: bentoml.Context | None = None) -> Response:
     """The operation's answer as the /v1 route gives it; with the API's context, the work stops
     when the client leaves before the answer is ready (as on /v1: routes.while_connected)."""
     try:
-        result = await (while_connected(ctx.request, make()) if ctx is not None else make())
+        request = ctx.request if ctx is not None else None
+    except LookupError:  # called in-process, outside an HTTP request: no client to watch, no status
+        request = None
+    try:
+        result = await (while_connected(request, make()) if request is not None else make())
     except Exception as exc:
         err = to_api_error(exc)
         if err is None:
@@ -57,7 +61,7 @@ async def as_response(make, ctx: bentoml.Context | None = None) -> Response:
         response = error_response(err)  # a 429 keeps its Retry-After here too
     else:
         response = JSONResponse(result) if isinstance(result, dict) else respond(result)
-    if ctx is not None:  # BentoML answers with the context's status when an API takes it
+    if request is not None:  # BentoML answers with the context's status when an API takes it
         ctx.response.status_code = response.status_code
     return response
 

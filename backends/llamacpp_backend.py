@@ -75,6 +75,10 @@ class LlamaCppBackend(Backend):
             self.llm = lib.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                  n_gpu_layers=args.n_gpu_layers, n_threads=threads, verbose=False, embedding=True,
                                  pooling_type=getattr(lib, _POOLING[args.pooling]))
+            # inputs stay within what the alias asked and the model was trained on, not the padding
+            bounds = [args.n_ctx, self.llm.n_ctx(), self.llm.n_batch]
+            n_ctx_train = self.llm._model.n_ctx_train() if getattr(self.llm, "_model", None) else 0
+            self._embed_limit = min(bounds + ([n_ctx_train] if n_ctx_train > 0 else []))
             self._embedder = EmbeddingBatcher(lambda inputs: self._thread.call(self._embed_sync, inputs))
             return
         from llama_cpp._internals import LlamaModel
@@ -119,7 +123,7 @@ class LlamaCppBackend(Backend):
         if self.scheduler:
             return self.scheduler.n_ctx_seq
         # Llama.embed refuses an input longer than its batch (or cuts it with truncate=True)
-        return min(self.llm.n_ctx(), self.llm.n_batch)
+        return self._embed_limit
 
     def describe(self):
         info = super().describe()

@@ -6,6 +6,7 @@ to .cache/test-server.log and is printed when it fails to start.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -38,6 +39,16 @@ def wait_for(condition, what: str, bound: float = BOUND) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"{what}, still after {bound:.0f} s"
         time.sleep(0.1)
+
+
+def has_content(chunk) -> bool:
+    """Whether a chat stream's chunk (parsed, or its SSE `data: ` line) carries generated text:
+    the first chunk only names the role, before any token."""
+    if isinstance(chunk, str):
+        if not chunk.startswith("data: {"):
+            return False
+        chunk = json.loads(chunk[6:])
+    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or [])
 
 
 def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-server") -> ServerProcess:

@@ -81,6 +81,28 @@ def test_a_client_that_leaves_stops_its_generation_and_every_count_returns_to_ze
     assert server.metric("llm_requests_total", model=model, status="aborted") - aborted == choices
 
 
+async def test_a_native_api_called_in_process_without_an_http_request_answers_unwatched():
+    """BentoML's context has no request or response outside an HTTP call (both raise
+    LookupError): the operation then runs with no client to watch and answers as over HTTP."""
+    import bentoml
+
+    import service
+    from backends.errors import BadInput
+
+    async def make():
+        return {"answer": 42}
+
+    ctx = bentoml.Context()
+    response = await service.as_response(make, ctx)
+    assert (response.status_code, json.loads(response.body)) == (200, {"answer": 42})
+
+    async def refuse():
+        raise BadInput("too long", param="input", code="context_length_exceeded")
+
+    refused = await service.as_response(refuse, bentoml.Context())
+    assert refused.status_code == 400 and json.loads(refused.body)["error"]["param"] == "input"
+
+
 async def test_when_one_of_n_choices_fails_the_others_are_cancelled_at_once():
     """In-process, the front end's own logic (no engine can be made to fail one choice of n
     on demand yet): choice 1's generation raises, and choice 0's, which would run on for

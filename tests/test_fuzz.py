@@ -21,12 +21,16 @@ def _bounded(path: str, body):
     """Keeps generations short (at most 4 tokens, also where the body gives no bound), and on the
     models this suite runs."""
     if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        keys = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+        for key in keys:
             if isinstance(body.get(key), int) and body[key] > 4:
                 body[key] = 4
         field = next((f for route, f in LENGTH_FIELD.items() if path.endswith(route)), None)
-        if field and not any(key in body for key in ("max_tokens", "max_completion_tokens", "max_output_tokens")):
-            body[field] = 4
+        if field and not any(isinstance(body.get(key), int) for key in keys):
+            for key in keys:  # a null bound is no bound: the default would apply
+                if key in body and body[key] is None:
+                    del body[key]
+            body.setdefault(field, 4)  # a bound of the wrong type stays: its 400 is checked
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2
         if isinstance(body.get("model"), str) and body["model"] not in GENERATIVE + ["minilm"]:
