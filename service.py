@@ -21,7 +21,8 @@ from starlette.responses import Response
 
 from llmserve.config import load_settings
 from llmserve.errors import to_api_error
-from llmserve.routes import BodyLimit, ByteOrderMark, ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
+from llmserve.routes import (BodyLimit, ByteOrderMark, ControlCharacterPaths, NativeAPIKeys, app, error_response,
+                             respond, while_connected)
 from llmserve.runtime import Runtime
 from llmserve.responses_schemas import ResponsesRequest
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -44,15 +45,25 @@ def openai_api(input_spec):
     return decorate
 
 
-async def as_response(make) -> Response:
+async def as_response(make, ctx: bentoml.Context | None = None) -> Response:
+    """The operation's answer as the /v1 route gives it; with the API's context, the work stops
+    when the client leaves before the answer is ready (as on /v1: routes.while_connected)."""
     try:
-        result = await make()
+        request = ctx.request if ctx is not None else None
+    except LookupError:  # called in-process, outside an HTTP request: no client to watch, no status
+        request = None
+    try:
+        result = await (while_connected(request, make()) if request is not None else make())
     except Exception as exc:
         err = to_api_error(exc)
         if err is None:
             raise
-        return error_response(err)  # a 429 keeps its Retry-After here too
-    return JSONResponse(result) if isinstance(result, dict) else respond(result)
+        response = error_response(err)  # a 429 keeps its Retry-After here too
+    else:
+        response = JSONResponse(result) if isinstance(result, dict) else respond(result)
+    if request is not None:  # BentoML answers with the context's status when an API takes it
+        ctx.response.status_code = response.status_code
+    return response
 
 
 @bentoml.asgi_app(app, path="/")
@@ -82,24 +93,24 @@ class LLMService:
 
     # -- BentoML-native APIs: the same code as the /v1 routes -------------------------------
     @openai_api(ChatCompletionRequest)
-    async def chat(self, **body) -> str:
+    async def chat(self, ctx: bentoml.Context, **body) -> str:
         """Chat completion; the fields of OpenAI's /v1/chat/completions body."""
-        return await as_response(lambda: self.ops.chat(ChatCompletionRequest.model_validate(body)))
+        return await as_response(lambda: self.ops.chat(ChatCompletionRequest.model_validate(body)), ctx)
 
     @openai_api(CompletionRequest)
-    async def complete(self, **body) -> str:
+    async def complete(self, ctx: bentoml.Context, **body) -> str:
         """Text completion; the fields of OpenAI's /v1/completions body."""
-        return await as_response(lambda: self.ops.complete(CompletionRequest.model_validate(body)))
+        return await as_response(lambda: self.ops.complete(CompletionRequest.model_validate(body)), ctx)
 
     @openai_api(EmbeddingRequest)
-    async def embed(self, **body) -> str:
+    async def embed(self, ctx: bentoml.Context, **body) -> str:
         """Embeddings; the fields of OpenAI's /v1/embeddings body."""
-        return await as_response(lambda: self.ops.embed(EmbeddingRequest.model_validate(body)))
+        return await as_response(lambda: self.ops.embed(EmbeddingRequest.model_validate(body)), ctx)
 
     @openai_api(ResponsesRequest)
-    async def respond(self, **body) -> str:
+    async def respond(self, ctx: bentoml.Context, **body) -> str:
         """Responses API; the fields of OpenAI's /v1/responses body."""
-        return await as_response(lambda: self.runtime.responses.create(ResponsesRequest.model_validate(body)))
+        return await as_response(lambda: self.runtime.responses.create(ResponsesRequest.model_validate(body)), ctx)
 
     @bentoml.api
     async def list_models(self) -> dict:

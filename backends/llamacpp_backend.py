@@ -69,10 +69,16 @@ class LlamaCppBackend(Backend):
         path = self._model_path()
         threads = args.n_threads or max(1, os.cpu_count() or 1)
         if self.config.task == "embed":
-            # an input is embedded in one batch: n_batch below the context would cut longer ones
-            self.llm = lib.Llama(model_path=path, n_ctx=args.n_ctx, n_batch=args.n_ctx, n_ubatch=args.n_ctx,
+            # an input is embedded in one batch, so the batch is the whole context; llama.cpp pads
+            # the context to a multiple of 256 (and aborts on a batch that is not padded alike)
+            n_ctx = -(-args.n_ctx // 256) * 256
+            self.llm = lib.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                                  n_gpu_layers=args.n_gpu_layers, n_threads=threads, verbose=False, embedding=True,
                                  pooling_type=getattr(lib, _POOLING[args.pooling]))
+            # inputs stay within what the alias asked and the model was trained on, not the padding
+            bounds = [args.n_ctx, self.llm.n_ctx(), self.llm.n_batch]
+            n_ctx_train = self.llm._model.n_ctx_train() if getattr(self.llm, "_model", None) else 0
+            self._embed_limit = min(bounds + ([n_ctx_train] if n_ctx_train > 0 else []))
             self._embedder = EmbeddingBatcher(lambda inputs: self._thread.call(self._embed_sync, inputs))
             return
         from llama_cpp._internals import LlamaModel
@@ -114,7 +120,10 @@ class LlamaCppBackend(Backend):
         return self.scheduler.failure if self.scheduler is not None else None
 
     def context_length(self) -> int:
-        return self.scheduler.n_ctx_seq if self.scheduler else self.llm.n_ctx()
+        if self.scheduler:
+            return self.scheduler.n_ctx_seq
+        # Llama.embed refuses an input longer than its batch (or cuts it with truncate=True)
+        return self._embed_limit
 
     def describe(self):
         info = super().describe()
@@ -203,9 +212,9 @@ class LlamaCppBackend(Backend):
         tokens = []
         for i, text in enumerate(inputs):
             n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
-            if n > self.llm.n_ctx():
+            if n > self.context_length():
                 raise BadInput(
-                    f"input[{i}] has {n} tokens, more than this model's context of {self.llm.n_ctx()}.",
+                    f"input[{i}] has {n} tokens, more than this model's context of {self.context_length()}.",
                     param="input",
                     code="context_length_exceeded",
                 )

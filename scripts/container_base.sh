@@ -15,6 +15,9 @@ done
 # libgomp1: the OpenMP runtime the llama-cpp-python wheel links (BentoML's system_packages are
 # ignored on a custom base, so it goes in here)
 packages=python3,python3-venv,python3-pip,ca-certificates,libgomp1
+# one base build at a time on this machine (the rootfs directory and the image name are shared)
+exec 9>"${root%/}.lock"
+flock 9
 label() { buildah inspect --type image --format '{{index .OCIv1.Config.Labels "llmserve.packages"}}' "$image" 2>/dev/null; }
 if [ "$(label)" = "$packages" ]; then
   echo "container_base: $image exists"; exit 0

@@ -4,8 +4,10 @@
 #   bash scripts/containerize.sh --local-base    # on localhost/llmserve-base:bookworm, made here
 #                                                # by scripts/container_base.sh (no registry needed)
 #   bash scripts/containerize.sh --gpu           # the CUDA vLLM variant (requirements/lock-gpu.txt)
-# Docker when its daemon answers, else buildah (STORAGE_DRIVER=vfs, BUILDAH_ISOLATION=chroot).
-# The image is tagged llmserve:<variant>; the Bento stays in BentoML's store.
+# Docker when its daemon answers, else buildah (STORAGE_DRIVER=vfs, BUILDAH_ISOLATION=chroot);
+# --local-base always buildah (the base lives in buildah's storage).
+# The image is tagged llmserve:<variant> (LLMSERVE_IMAGE_TAG overrides); the Bento stays in
+# BentoML's store (its tag is written to LLMSERVE_BENTO_TAG_FILE when that is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 variant=cpu base=""
@@ -17,19 +19,18 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+image=${LLMSERVE_IMAGE_TAG:-llmserve:$variant}
 fail() { echo "containerize: $*" >&2; exit 2; }
-if docker info >/dev/null 2>&1; then
+if [ -z "$base" ] && docker info >/dev/null 2>&1; then
   backend=docker
 elif command -v buildah >/dev/null; then
   backend=buildah
   export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs} BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
 else
-  fail "no container engine: start a Docker daemon, or install buildah (apt-get install buildah)"
+  fail "no container engine: ${base:+--local-base needs buildah; }start a Docker daemon, or install buildah (apt-get install buildah)"
 fi
 if [ -n "$base" ]; then
-  if [ $backend = buildah ]; then found=$(buildah inspect --type image "$base" >/dev/null 2>&1 && echo y || true)
-  else found=$(docker image inspect "$base" >/dev/null 2>&1 && echo y || true); fi
-  [ -n "$found" ] || fail "base image $base is missing: run 'bash scripts/container_base.sh' first"
+  buildah inspect --type image "$base" >/dev/null 2>&1 || fail "base image $base is missing: run 'bash scripts/container_base.sh' first"
 fi
 [ -x .venv/bin/bentoml ] || fail ".venv is missing: run 'bash scripts/setup.sh' first"
 
@@ -64,9 +65,10 @@ PY
 start=$(date +%s)
 tag=$(.venv/bin/bentoml build -f build/image/bentofile.yaml --output tag 2>build/image/build.log | tail -1 | sed 's/^__tag__://' || true)
 [ -n "$tag" ] || fail "bentoml build failed: $(tail -1 build/image/build.log) (all of it in build/image/build.log)"
+[ -z "${LLMSERVE_BENTO_TAG_FILE:-}" ] || echo "$tag" > "$LLMSERVE_BENTO_TAG_FILE"
 echo "containerize: built Bento $tag; building the image with $backend ..."
-.venv/bin/bentoml containerize "$tag" --backend "$backend" -t "llmserve:$variant" \
+.venv/bin/bentoml containerize "$tag" --backend "$backend" -t "$image" \
   || { echo "containerize: the image build failed (output above)" >&2; exit 1; }
-if [ $backend = buildah ]; then size=$(buildah images --format '{{.Size}}' "llmserve:$variant" | head -1)
-else size=$(docker image inspect -f '{{.Size}}' "llmserve:$variant"); fi
-echo "containerize: llmserve:$variant built in $(( $(date +%s) - start )) s, $size"
+if [ $backend = buildah ]; then size=$(buildah images --format '{{.Size}}' "$image" | head -1)
+else size=$(docker image inspect -f '{{.Size}}' "$image"); fi
+echo "containerize: $image built in $(( $(date +%s) - start )) s, $size"

@@ -6,8 +6,10 @@ to .cache/test-server.log and is printed when it fails to start.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +27,28 @@ STARTUP_TIMEOUT = float(os.environ.get("LLMSERVE_TEST_STARTUP_TIMEOUT", "300"))
 FAULT_SEEDS = {"admit": 424_242_001, "sample": 424_242_002, "detokenize": 424_242_003, "loop": 424_242_004,
                "trim": 424_242_005}
 FAULTS_ENV = ",".join(f"{stage}:{seed}" for stage, seed in FAULT_SEEDS.items())
+
+
+BOUND = 30.0  # seconds: what a condition the tests wait on may take on a busy 2-core machine
+
+
+def wait_for(condition, what: str, bound: float = BOUND) -> None:
+    """Waits until ``condition()`` holds, failing with ``what`` after ``bound`` seconds (a bound
+    that holds on a busy 2-core machine)."""
+    deadline = time.monotonic() + bound
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}, still after {bound:.0f} s"
+        time.sleep(0.1)
+
+
+def has_content(chunk) -> bool:
+    """Whether a chat stream's chunk (parsed, or its SSE `data: ` line) carries generated text:
+    the first chunk only names the role, before any token."""
+    if isinstance(chunk, str):
+        if not chunk.startswith("data: {"):
+            return False
+        chunk = json.loads(chunk[6:])
+    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or [])
 
 
 def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-server") -> ServerProcess:

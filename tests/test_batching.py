@@ -12,17 +12,19 @@ import time
 import httpx
 import pytest
 
-from conftest import GENERATIVE
+from conftest import GENERATIVE, wait_for
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke about cats.", "Name three colors.",
            "Write a haiku about the sea."]
 
 
-def stream_chat(url: str, model: str, content: str, **fields) -> dict:
-    """One streaming chat; returns its text, usage, finish reason and the arrival time of every chunk."""
+def stream_chat(url: str, model: str, content: str, times: list | None = None, **fields) -> dict:
+    """One streaming chat; returns its text, usage, finish reason and the arrival time of every
+    content chunk (appended to ``times`` as they come, when the caller passes a list)."""
     body = {"model": model, "messages": [{"role": "user", "content": content}], "stream": True,
             "stream_options": {"include_usage": True}, **fields}
-    text, times, usage, finish = [], [], None, None
+    times = [] if times is None else times
+    text, usage, finish = [], None, None
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -76,10 +78,7 @@ def test_a_client_that_leaves_frees_its_place_within_a_second_while_the_others_f
             lines = r.iter_lines()
             for _ in range(5):
                 next(lines)
-            deadline = time.monotonic() + 10  # the other two have connected and been admitted
-            while running(http, model) < 3 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert running(http, model) == 3
+            wait_for(lambda: running(http, model) == 3, "the other two were not admitted beside this one")
         # the response is closed here: the client is gone
     left = time.monotonic()
     while running(http, model) > 2 and time.monotonic() - left < 1.0:
@@ -93,20 +92,23 @@ def test_a_client_that_leaves_frees_its_place_within_a_second_while_the_others_f
 
 
 @pytest.mark.parametrize("model", GENERATIVE)
-def test_a_long_prompt_admitted_mid_stream_does_not_stall_the_other_streams(server, model):
+def test_a_long_prompt_admitted_mid_stream_does_not_stall_the_other_streams(server, http, model):
     """The bound: while a ~1,500-token prompt is prefilled (in chunks between decode steps),
     no gap between two chunks of a running stream is longer than half of the long
     request's own time to first token. Prefilled in one piece, a gap would take all of it."""
     long_prompt = "Summarize this. " + " ".join(f"word{i}" for i in range(380))
     results: list[dict] = []
+    progress: list[list[float]] = [[], []]  # each stream's content chunks so far
 
-    def decoding_stream():
-        results.append(stream_chat(server.url, model, PROMPTS[2], max_tokens=120, temperature=0, ignore_eos=True))
+    def decoding_stream(times):
+        results.append(stream_chat(server.url, model, PROMPTS[2], times, max_tokens=120, temperature=0,
+                                   ignore_eos=True))
 
-    threads = [threading.Thread(target=decoding_stream) for _ in range(2)]
+    threads = [threading.Thread(target=decoding_stream, args=(times,)) for times in progress]
     for t in threads:
         t.start()
-    time.sleep(1.5)  # both are decoding now
+    # both decoding (two tokens each), not just admitted
+    wait_for(lambda: all(len(times) >= 2 for times in progress), "the two streams are not decoding")
     sent = time.monotonic()
     long = stream_chat(server.url, model, long_prompt, max_tokens=2, temperature=0)
     first_token = long["times"][0] if long["times"] else time.monotonic()

@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from conftest import GENERATIVE
+from conftest import GENERATIVE, wait_for
 
-BOUND = 30.0  # seconds; an abort takes effect at the engine's next step (well under a second idle)
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0.8}
 CHAT = {"messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}], **LONG}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
@@ -33,6 +32,9 @@ PATHS = {
     "echo": ("/v1/completions", {"prompt": "Once upon a time", **LONG, "stream": True, "echo": True}),
     "non-streamed": ("/v1/chat/completions", CHAT),
     "non-streamed n>1": ("/v1/completions", {"prompt": "Once upon a time", **LONG, "n": 2}),
+    # BentoML's native APIs (service.py): the same operations behind BentoML's own routes
+    "native non-streamed": ("/chat", CHAT),
+    "native non-streamed completion": ("/complete", {"prompt": "Once upon a time", **LONG}),
 }
 
 
@@ -57,13 +59,6 @@ def counts(server, http, model: str) -> dict[str, float]:
             "gauge": server.metric("llm_requests_running", model=model)}
 
 
-def wait_for(condition, what: str, bound: float = BOUND) -> None:
-    deadline = time.monotonic() + bound
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}, still after {bound:.0f} s"
-        time.sleep(0.1)
-
-
 def idle(server, http, model: str) -> bool:
     return not any(counts(server, http, model).values())
 
@@ -84,6 +79,28 @@ def test_a_client_that_leaves_stops_its_generation_and_every_count_returns_to_ze
         sock.close()
     wait_for(lambda: idle(server, http, model), f"{model}, {path}: a count stayed raised after the client left")
     assert server.metric("llm_requests_total", model=model, status="aborted") - aborted == choices
+
+
+async def test_a_native_api_called_in_process_without_an_http_request_answers_unwatched():
+    """BentoML's context has no request or response outside an HTTP call (both raise
+    LookupError): the operation then runs with no client to watch and answers as over HTTP."""
+    import bentoml
+
+    import service
+    from backends.errors import BadInput
+
+    async def make():
+        return {"answer": 42}
+
+    ctx = bentoml.Context()
+    response = await service.as_response(make, ctx)
+    assert (response.status_code, json.loads(response.body)) == (200, {"answer": 42})
+
+    async def refuse():
+        raise BadInput("too long", param="input", code="context_length_exceeded")
+
+    refused = await service.as_response(refuse, bentoml.Context())
+    assert refused.status_code == 400 and json.loads(refused.body)["error"]["param"] == "input"
 
 
 async def test_when_one_of_n_choices_fails_the_others_are_cancelled_at_once():

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ROOT, start_server
+from tests.conftest import ROOT, has_content, start_server, wait_for
 from tests.test_errors import assert_openai_error
 
 INFERENCE, OTHER_INFERENCE, ADMIN = "inf-key-1", "inf-key-2", "adm-key-1"
@@ -132,24 +132,17 @@ def test_a_generation_past_request_timeout_ends_with_504_and_frees_its_place(gua
     with inf.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
         events = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert '"timeout"' in events[-2] and events[-1] == "data: [DONE]"
-    deadline = time.monotonic() + 5
-    while inf.get("/models/smollm2").json()["running_requests"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert inf.get("/models/smollm2").json()["running_requests"] == 0
+    wait_for(lambda: inf.get("/models/smollm2").json()["running_requests"] == 0, "the timed-out stream kept its place")
 
 
 def test_an_idle_model_unloads_after_its_keep_alive_and_loads_again_on_demand(guarded):
     inf = client(guarded, INFERENCE)
     assert inf.post("/v1/embeddings", json={"model": "minilm", "input": "a cat"}).status_code == 200
     assert inf.get("/models/minilm").json()["loaded"] is True
-    deadline = time.monotonic() + 10  # keep_alive 2 s
-    while inf.get("/models/minilm").json()["loaded"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert inf.get("/models/minilm").json()["loaded"] is False
-    log_path, deadline = ROOT / ".cache" / "test-server-guarded.log", time.monotonic() + 10
-    while "unloaded minilm (idle for" not in log_path.read_text() and time.monotonic() < deadline:
-        time.sleep(0.2)  # the line comes once the engine has let go, after the list says unloaded
-    assert "unloaded minilm (idle for" in log_path.read_text()
+    wait_for(lambda: inf.get("/models/minilm").json()["loaded"] is False, "minilm stayed loaded (keep_alive 2 s)")
+    log_path = ROOT / ".cache" / "test-server-guarded.log"
+    # the line comes once the engine has let go, after the list says unloaded
+    wait_for(lambda: "unloaded minilm (idle for" in log_path.read_text(), "the idle unload was not logged")
     assert inf.post("/v1/embeddings", json={"model": "minilm", "input": "a dog"}).status_code == 200
 
 
@@ -162,11 +155,14 @@ def test_an_unload_under_load_ends_what_outlives_the_drain_with_an_error_and_the
     def long_stream():
         body = {**CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
         with inf.stream("POST", "/v1/chat/completions", json=body) as r:
-            events.extend(line for line in r.iter_lines() if line.startswith("data: "))
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
 
     streaming = threading.Thread(target=long_stream)
     streaming.start()
-    time.sleep(1)
+    # mid-stream (a token sent, not just the role chunk): the engine is generating
+    wait_for(lambda: any(map(has_content, events)), "the stream sent no token")
     started = time.monotonic()
     assert admin.post("/models/smollm2/unload").json()["was_loaded"] is True
     assert time.monotonic() - started < 5  # drain_timeout 1 s, then the unload
@@ -231,20 +227,21 @@ def test_sigterm_leaves_no_engine_process_behind():
         def stream():
             body = {**CHAT, "max_tokens": 24, "ignore_eos": True, "stream": True}
             with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as s:
-                events.extend(line for line in s.iter_lines() if line.startswith("data: "))
+                for line in s.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
 
         streaming = threading.Thread(target=stream)
         streaming.start()
-        time.sleep(0.5)
+        wait_for(lambda: any(map(has_content, events)), "the stream sent no token")
         os.kill(server.proc.pid, signal.SIGTERM)
         streaming.join(timeout=60)
         assert events and events[-1] == "data: [DONE]" and '"finish_reason": "length"' in events[-2], events[-3:]
         server.proc.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert not left, f"processes left after SIGTERM: {left}"
+        def left() -> list[int]:
+            return [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+        wait_for(lambda: not left(), "processes were left after SIGTERM")
     finally:
         server.stop()
 

@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from conftest import FAULT_SEEDS, GENERATIVE
+from conftest import FAULT_SEEDS, GENERATIVE, wait_for
 
 PROMPTS = ["What is the capital of France?", "Name three colors."]
 MAX_TOKENS = 48  # long enough that the faulted request arrives while the others stream
@@ -57,13 +57,9 @@ def assert_server_error(server, error: dict, logged: str) -> None:
     assert error["type"] == "server_error" and logged not in error["message"], error
     found = re.search(r"error id (err_[0-9a-f]+)", error["message"])
     assert found, error
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        lines = server.log_path.read_text(errors="replace").splitlines()
-        if any(found.group(1) in line and logged in line for line in lines):
-            return
-        time.sleep(0.2)
-    pytest.fail(f"the log has no line with {found.group(1)} and {logged!r}")
+    wait_for(lambda: any(found.group(1) in line and logged in line
+                         for line in server.log_path.read_text(errors="replace").splitlines()),
+             f"the log has no line with {found.group(1)} and {logged!r}")
 
 
 class Streams:
@@ -135,10 +131,7 @@ def greedy_alone(http, model: str, prompt: str) -> str:
 
 
 def wait_idle(http, model: str) -> None:
-    deadline = time.monotonic() + 30
-    while http.get(f"/models/{model}").json()["running_requests"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert http.get(f"/models/{model}").json()["running_requests"] == 0
+    wait_for(lambda: http.get(f"/models/{model}").json()["running_requests"] == 0, f"{model} still runs requests")
 
 
 @pytest.fixture(params=GENERATIVE + ["smollm2-vllm"])
@@ -244,10 +237,9 @@ def test_a_slot_cache_that_cannot_be_trimmed_is_prefilled_again_and_answers_the_
     # same prompt: the slot holding it is reused, and its trim "fails" for this seed
     again = http.post("/v1/chat/completions", json={**body, "seed": FAULT_SEEDS["trim"]})
     assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == first
-    deadline = time.monotonic() + 30  # the log line may reach the file a moment after the answer
-    while "cannot drop the tail of its cached tokens" not in server.log_path.read_text(errors="replace")[log_before:]:
-        assert time.monotonic() < deadline, "the re-prefill was not logged"
-        time.sleep(0.2)
+    # the log line may reach the file a moment after the answer
+    wait_for(lambda: "cannot drop the tail of its cached tokens" in server.log_path.read_text(errors="replace")[log_before:],
+             "the re-prefill was not logged")
 
 
 def test_llamacpp_embeds_inputs_longer_than_a_batch_whole_and_refuses_longer_than_its_context(http):
@@ -260,6 +252,61 @@ def test_llamacpp_embeds_inputs_longer_than_a_batch_whole_and_refuses_longer_tha
     assert max(abs(x - y) for x, y in zip(a, b)) > 1e-6, "the tails were cut off: both vectors are the same"
     r = http.post("/v1/embeddings", json={"model": "smollm2-embed", "input": [head * 4]}, timeout=300)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+
+
+def _hellos(vocab, n: int) -> str:
+    """A text of exactly ``n`` SmolLM2 tokens, BOS included ("hello" is one token)."""
+    text = "hello " * (n - 1)
+    assert len(vocab.tokenize(text.encode(), add_bos=True, special=False)) == n
+    return text
+
+
+@pytest.fixture(scope="module")
+def smollm2_vocab():
+    import llama_cpp
+
+    from llmserve.config import load_settings
+
+    return llama_cpp.Llama(model_path=str(load_settings().models["smollm2-embed"].location()), vocab_only=True,
+                           verbose=False)
+
+
+def test_llamacpp_embeds_an_input_of_its_whole_context_and_refuses_one_token_more(http, smollm2_vocab):
+    limit = 2048  # smollm2-embed's n_ctx (configuration.yaml), a multiple of llama.cpp's padding
+    r = http.post("/v1/embeddings", json={"model": "smollm2-embed", "input": _hellos(smollm2_vocab, limit)},
+                  timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == limit
+    assert http.get("/models/smollm2-embed").json()["context_length"] == limit
+    r = http.post("/v1/embeddings", json={"model": "smollm2-embed", "input": ["hi", _hellos(smollm2_vocab, limit + 1)]},
+                  timeout=300)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "input" and error["code"] == "context_length_exceeded" and "input[1]" in error["message"]
+
+
+async def test_a_llamacpp_embedding_context_llama_cpp_pads_is_one_batch_and_bounds_inputs_by_it(smollm2_vocab):
+    """n_ctx 600 becomes llama.cpp's 768: the batch is padded alike (an unpadded one aborts the
+    process), yet inputs are bounded by the 600 the alias asked: up to 600 tokens embedded whole,
+    one more refused, none cut."""
+    from backends.errors import BadInput
+    from backends.llamacpp_backend import LlamaCppBackend
+    from llmserve.config import load_settings
+
+    config = load_settings().models["smollm2-embed"].model_copy(deep=True)
+    config.llamacpp.n_ctx = 600
+    backend = LlamaCppBackend("embed-600", config)
+    await backend.load()
+    try:
+        assert backend.llm.n_ctx() == backend.llm.n_batch == backend.llm.context_params.n_ubatch == 768
+        assert backend.context_length() == 600
+        whole = await backend.embed([_hellos(smollm2_vocab, 500), _hellos(smollm2_vocab, 600)])
+        assert whole.tokens == [500, 600] and len(whole.vectors) == 2
+        with pytest.raises(BadInput, match=r"input\[0\] has 601 tokens.*context of 600") as refused:
+            await backend.embed([_hellos(smollm2_vocab, 601)])
+        assert refused.value.param == "input"
+    finally:
+        await backend.unload()
 
 
 # -- in process: the error mapping, the sampler's arithmetic, work off the event loop --------------

@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, start_server
-from tests.test_disconnects import BOUND, counts, send_and_keep_open, wait_for
+from tests.conftest import BOUND, ROOT, start_server, wait_for
+from tests.test_disconnects import counts, send_and_keep_open
 from tests.test_errors import assert_openai_error
 
 INFERENCE, ADMIN = "race-inf-key", "race-adm-key"
@@ -74,15 +74,12 @@ def test_a_request_for_an_alias_being_unloaded_waits_for_the_unload_and_loads_it
     streaming = threading.Thread(target=lambda: admin.post("/v1/chat/completions", json={
         **CHAT, "max_tokens": 1500, "ignore_eos": True, "stream": True}))
     streaming.start()
-    deadline = time.monotonic() + 30
-    while not admin.get("/models/smollm2").json().get("running_requests") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: admin.get("/models/smollm2").json().get("running_requests"), "the stream never started")
     # the unload drains the stream for up to limits.drain_timeout (20 s); requests come meanwhile
     with cf.ThreadPoolExecutor(4) as pool:
         unloading = pool.submit(admin.post, "/models/smollm2/unload")
-        deadline = time.monotonic() + 10
-        while admin.get("/models/smollm2").json()["loaded"] and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # well within the 20 s drain, so the unload is still draining after it
+        wait_for(lambda: not admin.get("/models/smollm2").json()["loaded"], "the unload never started", bound=10)
         assert not unloading.done(), "the unload should still be draining the stream"
         answers = list(pool.map(lambda _: client(races).post("/v1/chat/completions", json=CHAT), range(3)))
         assert unloading.result().json()["was_loaded"] is True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from conftest import wait_for
 
 MIB = 1 << 20
 
@@ -27,14 +27,12 @@ def test_unload_frees_memory_and_reload_serves(server, http):
     r = http.post(f"/v1/models/{alias}/load")
     assert r.status_code == 200 and r.json()["loaded"] is True and r.json()["backend"] == "transformers"
     assert row(http, alias)["loaded"] is True
-    time.sleep(1)
     loaded = server.rss_bytes()
 
     r = http.post(f"/models/{alias}/unload")
     assert r.status_code == 200 and r.json() == {"id": alias, "loaded": False, "was_loaded": True}
-    time.sleep(1)
-    freed = (loaded - server.rss_bytes()) / MIB
-    assert freed > 400, f"unloading {alias} gave back only {freed:.0f} MiB of its ~540 MiB of weights"
+    wait_for(lambda: loaded - server.rss_bytes() > 400 * MIB, f"unloading {alias} did not give back 400 MiB of its "
+             "~540 MiB of weights")
     assert row(http, alias)["loaded"] is False
     assert http.post(f"/models/{alias}/unload").json()["was_loaded"] is False
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ALL_GENERATIVE, GENERATIVE
+from conftest import ALL_GENERATIVE, GENERATIVE, wait_for
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -191,7 +191,8 @@ def test_event_loop_stays_free_during_generation(server, oai):
     with cf.ThreadPoolExecutor(1) as pool:
         long = pool.submit(oai.completions.create, model="smollm2-hf", prompt="Write a long story:",
                            max_tokens=120, temperature=0)
-        time.sleep(1.0)
+        wait_for(lambda: httpx.get(f"{server.url}/v1/models/smollm2-hf").json()["running_requests"] == 1,
+                 "the long generation did not start")
         started = time.monotonic()
         r = httpx.get(f"{server.url}/v1/models", timeout=30)
         quick = time.monotonic() - started

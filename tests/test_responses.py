@@ -14,8 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Capital, start_server
-from tests.test_disconnects import BOUND
+from tests.conftest import BOUND, Capital, start_server
 from tests.test_errors import assert_openai_error
 
 QUESTION = "What is the capital of France?"
