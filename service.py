@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from llmserve.config import load_settings
+from llmserve.metrics import metrics_endpoint
 from llmserve.errors import to_api_error
 from llmserve.routes import BodyLimit, ByteOrderMark, ControlCharacterPaths, NativeAPIKeys, app, error_response, respond
 from llmserve.runtime import Runtime
@@ -55,6 +56,10 @@ async def as_response(make) -> Response:
     return JSONResponse(result) if isinstance(result, dict) else respond(result)
 
 
+if not settings.service.http_metrics:  # BentoML's /metrics is off with its HTTP metrics
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+
+
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="llmserve",
@@ -62,6 +67,8 @@ async def as_response(make) -> Response:
     workers=settings.service.workers,
     traffic={"timeout": settings.service.timeout},
     tracing={"excluded_urls": EXCLUDED_URLS},
+    metrics={"enabled": settings.service.http_metrics},
+    logging={"access": {"enabled": settings.service.access_log}},
 )
 class LLMService:
     def __init__(self) -> None:
