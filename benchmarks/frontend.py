@@ -8,11 +8,15 @@ Targets, each a fresh server on 127.0.0.1 (llmserve.launcher):
   bare     benchmarks/stub_server.py --rate 0 (FastAPI + uvicorn, nothing else)
   service  `bentoml serve` with one alias on benchmarks/stub_engine.py: routes, OpenAI
            operations, SSE encoding, BentoML's middleware, as shipped (variant `default`),
-           or with BentoML's HTTP metrics and access log off (`no-bentoml-metrics`).
+           or with BentoML's HTTP metrics and access log off (`no-bentoml-metrics`:
+           configuration.yaml's service.http_metrics / service.access_log false).
 An asyncio client keeps ``c`` streams open for the duration (each one chat of --tokens chunks
 after another) and counts chunks. Reported: chunks/s, wall microseconds per chunk, and the
 server's CPU microseconds per chunk (its process tree's CPU time over the chunks it sent):
-the last is the front end's cost, whatever the client's share of the cores.
+the last is the front end's cost, whatever the client's share of the cores. Also the client's
+own CPU per chunk and chunks per network read (on 2 cores the one-process client is often the
+limit). ``--profile [PY_SPY]`` records a py-spy profile of the server in each cell and prints
+where its CPU went per chunk (benchmarks/profile_summary.py).
 """
 
 from __future__ import annotations
