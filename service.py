@@ -56,8 +56,9 @@ async def as_response(make) -> Response:
     return JSONResponse(result) if isinstance(result, dict) else respond(result)
 
 
-if not settings.service.http_metrics:  # BentoML's /metrics is off with its HTTP metrics
-    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+# BentoML's own /metrics comes before the app's routes and answers while its metrics are on;
+# this one answers when they are off (service.http_metrics: false or BENTOML_CONFIG)
+app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
 
 @bentoml.asgi_app(app, path="/")

@@ -161,7 +161,7 @@ class StepLoop(abc.ABC):
                                 detail=self.failure or "the model was unloaded")
 
         def emit(item) -> None:
-            if threading.get_ident() == self._thread.ident:  # a step's deltas go to the loop together
+            if threading.current_thread() is self._thread:  # a step's deltas go to the loop together
                 self._outbox.append((loop, deltas, request, item))
                 return
             try:
@@ -277,8 +277,12 @@ class StepLoop(abc.ABC):
 
 
 def _deliver(batch) -> None:
-    for deltas, _, item in batch:
-        deltas.put_nowait(item)
+    for deltas, request, item in batch:
+        try:
+            deltas.put_nowait(item)
+        except Exception:  # noqa: BLE001 - this request is lost to its reader; the rest still get theirs
+            log.exception("a delta could not be handed to its request; the request is cancelled")
+            request.cancelled = True
 
 
 class EngineThread:

@@ -10,9 +10,13 @@ request and written every FLUSH_TOKENS tokens or FLUSH_SECONDS, and when it ends
 from __future__ import annotations
 
 import bisect
+import importlib.metadata
 import time
 
 import prometheus_client as prom
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 
 from backends.base import Delta
 
@@ -58,6 +62,7 @@ MODEL_LOAD_SECONDS = prom.Histogram(
 FLUSH_TOKENS = 32
 FLUSH_SECONDS = 0.5
 _ITL_BOUNDS = _LATENCY_BUCKETS + (float("inf"),)  # the histogram's buckets, +Inf last as it keeps them
+_PROM_VERSION = importlib.metadata.version("prometheus_client")
 
 
 class RequestMetrics:
@@ -112,33 +117,38 @@ class RequestMetrics:
         REQUESTS_TOTAL.labels(model=self.model, status=status).inc()
 
 
-async def metrics_endpoint(request):
-    """GET /metrics when BentoML's own is off (service.http_metrics: false): these metrics, from
-    every worker's files when BentoML set up its multiprocess directory."""
-    import os
+async def metrics_endpoint(request: Request) -> Response:
+    """GET /metrics when BentoML's own is off (service.http_metrics: false, or BentoML's
+    metrics.enabled: false): these metrics as BentoML's endpoint writes them, from every
+    worker's files when BentoML set up its multiprocess directory."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
 
-    from prometheus_client import multiprocess
-    from starlette.responses import Response
-
-    registry = prom.REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = prom.CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    return Response(prom.generate_latest(registry), media_type=prom.CONTENT_TYPE_LATEST)
+    client = BentoMLContainer.metrics_client.get()
+    return Response(await run_in_threadpool(client.generate_latest), media_type=client.CONTENT_TYPE_LATEST)
 
 
 def _observe_many(histogram, counts: list[int], total: float) -> None:
     """Adds observations counted per bucket to a labelled Histogram: one write per bucket
     used, where observe() writes twice per observation. prometheus_client has no public call
-    for it, so its bucket values are used; a release without them gets the observations
-    one by one, at their bucket's bound (the sum stays exact)."""
-    buckets = getattr(histogram, "_buckets", None)
-    if buckets is None or len(buckets) != len(counts) or not hasattr(histogram, "_sum"):
-        for bound, n in zip(_ITL_BOUNDS, counts):
-            for _ in range(n):
-                histogram.observe(min(bound, _LATENCY_BUCKETS[-1]))
-        return
+    for it, so its per-bucket values are written (the layout is checked at import, and
+    pyproject bounds the release)."""
+    buckets = histogram._buckets
+    if len(buckets) != len(counts):
+        raise RuntimeError(f"prometheus_client {_PROM_VERSION}: {len(buckets)} bucket values, not {len(counts)}")
     for value, n in zip(buckets, counts):
         if n:
             value.inc(n)
     histogram._sum.inc(total)
+
+
+def _check_histogram_layout() -> None:
+    """_observe_many relies on prometheus_client keeping a Histogram's upper bounds (+Inf
+    last) in _upper_bounds and one non-cumulative value per bucket in _buckets (it sums them
+    when collected): refuse to start on a release that does not, rather than count wrong."""
+    bounds = getattr(ITL, "_upper_bounds", None)
+    if bounds != list(_ITL_BOUNDS) or not all(hasattr(prom.Histogram, a) for a in ("_child_samples", "_metric_init")):
+        raise RuntimeError(f"prometheus_client {_PROM_VERSION} keeps histogram buckets in a way "
+                           "llmserve/metrics.py does not know; pin a release it supports (pyproject.toml)")
+
+
+_check_histogram_layout()
