@@ -1,4 +1,4 @@
-"""Prometheus metrics per model alias, served on BentoML's own /metrics.
+"""Prometheus metrics per model alias, on /metrics (BentoML's, or metrics_endpoint when BentoML's is off).
 
 prometheus_client directly (``bentoml.metrics``, its deprecated wrapper, warned at every
 start): BentoML sets PROMETHEUS_MULTIPROC_DIR before a worker imports this, so every value is
