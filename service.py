@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from llmserve.config import load_settings
+from llmserve.metrics import metrics_endpoint
 from llmserve.errors import to_api_error
 from llmserve.routes import (BodyLimit, ByteOrderMark, ControlCharacterPaths, NativeAPIKeys, app, error_response,
                              respond, while_connected)
@@ -66,6 +67,11 @@ async def as_response(make, ctx: bentoml.Context | None = None) -> Response:
     return response
 
 
+# BentoML's own /metrics comes before the app's routes and answers while its metrics are on;
+# this one answers when they are off (service.http_metrics: false or BENTOML_CONFIG)
+app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+
+
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(
     name="llmserve",
@@ -73,6 +79,8 @@ async def as_response(make, ctx: bentoml.Context | None = None) -> Response:
     workers=settings.service.workers,
     traffic={"timeout": settings.service.timeout},
     tracing={"excluded_urls": EXCLUDED_URLS},
+    metrics={"enabled": settings.service.http_metrics},
+    logging={"access": {"enabled": settings.service.access_log}},
 )
 class LLMService:
     def __init__(self) -> None:

@@ -123,6 +123,9 @@ class StepLoop(abc.ABC):
         self._waiting: list[StepRequest] = []  # off the queue, not admitted yet
         self._closed = False
         self._faults = faults.from_env()  # None unless a test asks for faults
+        # what the loop thread emitted this step: (event loop, queue, request, item), handed
+        # over at the step's end with one wake-up per event loop, not one per token
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, StepRequest, object]] = []
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # -- what each engine's loop provides ---------------------------------------------------
@@ -158,6 +161,9 @@ class StepLoop(abc.ABC):
                                 detail=self.failure or "the model was unloaded")
 
         def emit(item) -> None:
+            if threading.current_thread() is self._thread:  # a step's deltas go to the loop together
+                self._outbox.append((loop, deltas, request, item))
+                return
             try:
                 loop.call_soon_threadsafe(deltas.put_nowait, item)
             except RuntimeError:  # its event loop is closed: nobody is left to answer
@@ -212,6 +218,8 @@ class StepLoop(abc.ABC):
             self._serve()
         except BaseException as exc:  # noqa: BLE001 - the loop is gone: say so to everyone waiting
             self._died(exc)
+        finally:
+            self._hand_over()
 
     def _serve(self) -> None:
         while not self._closed:
@@ -229,6 +237,23 @@ class StepLoop(abc.ABC):
                 log.exception("%s: a step failed", self._thread.name)
                 self._fail_running(EngineFailure("The engine failed on the batch this request was in.",
                                                  detail=f"{type(exc).__name__}: {exc}"))
+            finally:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Hands what this step emitted to the event loops: one call_soon_threadsafe each."""
+        if not self._outbox:
+            return
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, deltas, request, item in self._outbox:
+            batches.setdefault(loop, []).append((deltas, request, item))
+        self._outbox = []
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # its event loop is closed: nobody is left to answer
+                for _, request, _ in batch:
+                    request.cancelled = True
 
     def _died(self, exc: BaseException) -> None:
         log.error("%s stopped: %s: %s", self._thread.name, type(exc).__name__, exc, exc_info=exc)
@@ -249,6 +274,15 @@ class StepLoop(abc.ABC):
                 item = self._pending.get_nowait()
         except queue.Empty:
             pass
+
+
+def _deliver(batch) -> None:
+    for deltas, request, item in batch:
+        try:
+            deltas.put_nowait(item)
+        except Exception:  # noqa: BLE001 - this request is lost to its reader; the rest still get theirs
+            log.exception("a delta could not be handed to its request; the request is cancelled")
+            request.cancelled = True
 
 
 class EngineThread:

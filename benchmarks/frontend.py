@@ -8,11 +8,15 @@ Targets, each a fresh server on 127.0.0.1 (llmserve.launcher):
   bare     benchmarks/stub_server.py --rate 0 (FastAPI + uvicorn, nothing else)
   service  `bentoml serve` with one alias on benchmarks/stub_engine.py: routes, OpenAI
            operations, SSE encoding, BentoML's middleware, as shipped (variant `default`),
-           or with BentoML's HTTP metrics and access log off (`no-bentoml-metrics`).
+           or with BentoML's HTTP metrics and access log off (`no-bentoml-metrics`:
+           configuration.yaml's service.http_metrics / service.access_log false).
 An asyncio client keeps ``c`` streams open for the duration (each one chat of --tokens chunks
 after another) and counts chunks. Reported: chunks/s, wall microseconds per chunk, and the
 server's CPU microseconds per chunk (its process tree's CPU time over the chunks it sent):
-the last is the front end's cost, whatever the client's share of the cores.
+the last is the front end's cost, whatever the client's share of the cores. Also the client's
+own CPU per chunk and chunks per network read (on 2 cores the one-process client is often the
+limit). ``--profile [PY_SPY]`` records a py-spy profile of the server in each cell and prints
+where its CPU went per chunk (benchmarks/profile_summary.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from llmserve.launcher import ServerProcess, bentoml_serve, free_port  # noqa: E402
 from llmserve.tracing import EXCLUDED_URLS  # noqa: E402
+from benchmarks.profile_summary import summarize  # noqa: E402
 
-VARIANTS = {
+VARIANTS = {  # configuration.yaml keys over the stub alias's configuration
     "default": {},
-    "no-bentoml-metrics": {"services": {"metrics": {"enabled": False}, "logging": {"access": {"enabled": False}}}},
+    "no-bentoml-metrics": {"service": {"http_metrics": False, "access_log": False}},
 }
 
 
@@ -45,13 +52,8 @@ def stub_service(log_path: Path, variant: str) -> ServerProcess:
               "models": {"stub": {"source": "stub", "backend": "benchmarks.stub_engine:StubBackend", "preload": True,
                                   "max_pending": 100_000}}}  # no queue bound: the front end alone is measured
     cfg = Path(tempfile.mkstemp(prefix="frontend-", suffix=".yaml")[1])
-    cfg.write_text(yaml.safe_dump(config))
-    env = {"LLMSERVE_CONFIG": str(cfg)}
-    if VARIANTS[variant]:
-        bento_cfg = Path(tempfile.mkstemp(prefix="frontend-bentoml-", suffix=".yaml")[1])
-        bento_cfg.write_text(yaml.safe_dump(VARIANTS[variant]))  # no `version:` key: BentoML's v1 layout
-        env["BENTOML_CONFIG"] = str(bento_cfg)
-    return bentoml_serve(log_path, env)
+    cfg.write_text(yaml.safe_dump({**config, **VARIANTS[variant]}))
+    return bentoml_serve(log_path, {"LLMSERVE_CONFIG": str(cfg)})
 
 
 def bare_server(log_path: Path) -> ServerProcess:
@@ -60,26 +62,27 @@ def bare_server(log_path: Path) -> ServerProcess:
     return ServerProcess(cmd, port, log_path, {}, "/health")
 
 
-async def load(url: str, concurrency: int, duration: float, tokens: int) -> tuple[int, float]:
-    """Chunks received and seconds taken, ``concurrency`` streams at a time."""
+async def load(url: str, concurrency: int, duration: float, tokens: int) -> tuple[int, float, int]:
+    """Chunks received, seconds taken and network reads, ``concurrency`` streams at a time."""
     body = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
-    chunks = 0
+    chunks = reads = 0
     stop_at = time.perf_counter() + duration
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         async def user():
-            nonlocal chunks
+            nonlocal chunks, reads
             while time.perf_counter() < stop_at:
                 async with client.stream("POST", "/v1/chat/completions", json=body) as r:
                     r.raise_for_status()
                     async for raw in r.aiter_raw():
                         chunks += raw.count(b"data: ")
+                        reads += 1
 
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
-        return chunks, time.perf_counter() - start
+        return chunks, time.perf_counter() - start, reads
 
 
 def cpu_seconds(server: ServerProcess) -> float:
@@ -93,20 +96,40 @@ def cpu_seconds(server: ServerProcess) -> float:
     return total
 
 
+def profile(server: ServerProcess, args, path: Path) -> subprocess.Popen:
+    """py-spy sampling the server's process tree for the cell (collapsed stacks, for
+    benchmarks/profile_summary.py); py-spy from PyPI, on PATH or given by --profile."""
+    exe = args.profile if args.profile != "py-spy" else shutil.which("py-spy")
+    if not exe:
+        raise SystemExit("--profile: py-spy not found (pip install py-spy)")
+    return subprocess.Popen([exe, "record", "--pid", str(server.proc.pid), "--subprocesses", "--rate", "500", "--format", "raw",
+                             "--nonblocking", "--duration", str(max(1, int(args.duration) - 2)), "--output", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def measure(name: str, server: ServerProcess, args, out: Path) -> list[dict]:
     rows = []
     try:
         server.wait_ready(args.startup_timeout)
         asyncio.run(load(server.url, 4, 2.0, args.tokens))  # warm up
         for c in args.concurrency:
-            cpu0 = cpu_seconds(server)
-            chunks, seconds = asyncio.run(load(server.url, c, args.duration, args.tokens))
-            cpu = cpu_seconds(server) - cpu0
+            folded = out / f"{name.replace(' (', '-').rstrip(')')}-c{c}.folded"
+            spy = profile(server, args, folded) if args.profile else None
+            cpu0, client0 = cpu_seconds(server), time.process_time()
+            chunks, seconds, reads = asyncio.run(load(server.url, c, args.duration, args.tokens))
+            cpu, client = cpu_seconds(server) - cpu0, time.process_time() - client0
+            if spy is not None:
+                spy.wait()
             row = {"target": name, "concurrency": c, "chunks": chunks, "seconds": round(seconds, 2),
                    "chunks_per_s": round(chunks / seconds, 1), "wall_us_per_chunk": round(1e6 * seconds / chunks, 1),
-                   "server_cpu_us_per_chunk": round(1e6 * cpu / chunks, 1)}
+                   "server_cpu_us_per_chunk": round(1e6 * cpu / chunks, 1),
+                   "client_cpu_us_per_chunk": round(1e6 * client / chunks, 1), "chunks_per_read": round(chunks / reads, 2)}
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if args.profile and folded.exists():
+                summary = summarize(folded.read_text().splitlines(), row["server_cpu_us_per_chunk"])
+                (folded.with_suffix(".md")).write_text(summary + "\n")
+                print(summary, flush=True)
     finally:
         server.stop()
     return rows
@@ -119,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=256, help="chunks per request")
     p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--profile", nargs="?", const="py-spy", default=None, metavar="PY_SPY",
+                   help="record a py-spy profile of the server during each cell (collapsed stacks in --out)")
     p.add_argument("--startup-timeout", type=float, default=120.0)
     args = p.parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / f"frontend-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -129,12 +154,14 @@ def main(argv=None) -> int:
     bare = {r["concurrency"]: r for r in rows if r["target"] == "bare"}
     lines = [f"`{' '.join(['frontend.py'] + (argv if argv is not None else sys.argv[1:]))}`", "",
              f"{args.tokens} chunks per request, {args.duration:.0f} s per cell.", "",
-             "| target | conc. | chunks/s | wall µs/chunk | server CPU µs/chunk | chunks/s vs bare |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| target | conc. | chunks/s | wall µs/chunk | server CPU µs/chunk | client CPU µs/chunk | chunks per read | "
+             "chunks/s vs bare |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ratio = r["chunks_per_s"] / bare[r["concurrency"]]["chunks_per_s"]
         lines.append(f"| {r['target']} | {r['concurrency']} | {r['chunks_per_s']:.0f} | {r['wall_us_per_chunk']:.1f} | "
-                     f"{r['server_cpu_us_per_chunk']:.1f} | {ratio:.2f} |")
+                     f"{r['server_cpu_us_per_chunk']:.1f} | {r['client_cpu_us_per_chunk']:.1f} | "
+                     f"{r['chunks_per_read']:.2f} | {ratio:.2f} |")
     (out / "results.json").write_text(json.dumps({"excluded_urls": EXCLUDED_URLS, "rows": rows}, indent=2))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -148,6 +148,10 @@ class ServiceResources(_Strict):
     memory: Optional[str] = None
     workers: int = Field(1, ge=1)
     timeout: int = Field(600, ge=1)
+    # BentoML's per-request HTTP metrics and access log wrap every SSE chunk's send; off, the
+    # service serves /metrics (its llm_* metrics) itself
+    http_metrics: bool = True
+    access_log: bool = True
 
 
 class Serverless(_Strict):

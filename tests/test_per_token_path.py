@@ -1,0 +1,215 @@
+"""The per-token path (issue 25) keeps its answers: the stall watchdog times out on a gap, not
+on a long generation; per-bucket histogram writes count what observe() counts; a step's deltas
+and errors reach their request in order, once per event loop; orjson writes the chunk text
+json.dumps writes; /metrics answers with BentoML's HTTP metrics and access log off."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import gc
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import start_server
+
+BOUND = 30  # seconds: what a busy 2-core machine needs at most for these small steps
+
+
+# -- the stall watchdog (openai_api.Deadline.watch) ------------------------------------------
+
+async def _tokens(n: int, gap: float, then_stall: bool = False):
+    for i in range(n):
+        await asyncio.sleep(gap)
+        yield i
+    if then_stall:
+        await asyncio.sleep(3600)
+
+
+async def test_a_generation_longer_than_stall_timeout_with_short_gaps_completes():
+    from llmserve.openai_api import Deadline
+
+    deadline, got = Deadline(total=BOUND, stall=1.0), []
+    start = time.monotonic()
+    async with deadline.watch() as watch:
+        async for token in _tokens(15, 0.1):  # 1.5 s in all, no gap near 1 s
+            watch.tick()
+            got.append(token)
+    assert got == list(range(15)) and time.monotonic() - start > deadline.stall
+
+
+async def test_a_stall_after_some_tokens_times_out_with_a_504_naming_stall_timeout():
+    from llmserve.errors import APIError
+    from llmserve.openai_api import Deadline
+
+    deadline, got = Deadline(total=BOUND, stall=0.3), []
+    with pytest.raises(TimeoutError):
+        async with deadline.watch() as watch:
+            async for token in _tokens(3, 0.05, then_stall=True):
+                watch.tick()
+                got.append(token)
+    error = deadline.error()
+    assert got == [0, 1, 2]
+    assert isinstance(error, APIError) and error.status == 504 and "limits.stall_timeout" in error.message
+
+
+async def test_past_request_timeout_the_504_names_request_timeout_even_while_tokens_come():
+    from llmserve.openai_api import Deadline
+
+    deadline = Deadline(total=0.5, stall=BOUND)
+    with pytest.raises(TimeoutError):
+        async with deadline.watch() as watch:
+            async for _ in _tokens(1000, 0.02):
+                watch.tick()
+    assert deadline.error().status == 504 and "limits.request_timeout" in deadline.error().message
+
+
+# -- per-bucket histogram writes (metrics._observe_many) -------------------------------------
+
+def test_observe_many_writes_what_the_same_observe_calls_write():
+    import prometheus_client as prom
+
+    from llmserve.metrics import _ITL_BOUNDS, _LATENCY_BUCKETS, _observe_many
+
+    values = [0.001, 0.005, 0.0051, 0.03, 0.03, 0.7, 9.0, 40.0, 41.0, 120.0]  # edges and past +Inf
+    out = []
+    for batched in (False, True):
+        registry = prom.CollectorRegistry()
+        h = prom.Histogram("itl", "d", labelnames=["model"], buckets=_LATENCY_BUCKETS, registry=registry)
+        child = h.labels(model="m")
+        if batched:
+            counts = [0] * len(_ITL_BOUNDS)
+            for v in values:
+                counts[bisect.bisect_left(_ITL_BOUNDS, v)] += 1
+            _observe_many(child, counts, sum(values))
+        else:
+            for v in values:
+                child.observe(v)
+        text = prom.generate_latest(registry).decode()
+        out.append("\n".join(line for line in text.splitlines() if "_created" not in line))  # a timestamp
+    assert out[0] == out[1]
+    assert 'itl_bucket{le="+Inf",model="m"} 10.0' in out[1] and 'itl_bucket{le="40.0",model="m"} 8.0' in out[1]
+
+
+# -- the StepLoop outbox ---------------------------------------------------------------------
+
+def _scripted_loop(script, go: threading.Event):
+    """A StepLoop with no engine: once ``go`` is set, each step emits ``script`` (a list of
+    Deltas and errors) to every admitted request and lets it go."""
+    from backends.scheduling import StepLoop
+
+    class Scripted(StepLoop):
+        def __init__(self):
+            super().__init__("scripted-loop")
+            self.rows, self.admitted = [], []
+            self._thread.start()
+
+        def running(self):
+            return len(self.rows)
+
+        def _drop_cancelled(self):
+            self.rows = [r for r in self.rows if not r.cancelled]
+
+        def _admit(self):
+            self.rows += self._waiting
+            self.admitted += self._waiting
+            self._waiting = []
+
+        def _step(self):
+            if not go.wait(0.01):
+                return
+            for request in self.rows:
+                for item in script:
+                    request.emit(item)
+            self.rows = []
+
+        def _fail_running(self, error):
+            for request in self.rows:
+                request.emit(error)
+            self.rows = []
+
+    return Scripted()
+
+
+async def test_deltas_then_an_error_emitted_in_one_step_arrive_in_order():
+    from backends.base import Delta, SamplingParams
+    from backends.errors import EngineFailure
+
+    go = threading.Event()
+    go.set()
+    loop = _scripted_loop([Delta("a", 1), Delta("b", 2), EngineFailure("the step failed after two tokens")], go)
+    try:
+        got = []
+        with pytest.raises(EngineFailure, match="after two tokens"):
+            async with asyncio.timeout(BOUND):
+                async for d in loop.stream([1], SamplingParams(max_tokens=4)):
+                    got.append(d.text)
+        assert got == ["a", "b"]
+    finally:
+        await asyncio.to_thread(loop.close)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the reader dies with its loop
+def test_a_request_whose_event_loop_closed_is_marked_cancelled():
+    assert _cancelled_when_its_event_loop_closed()
+    gc.collect()  # the reader, stuck on its closed loop, goes here and not in a later test
+
+
+def _cancelled_when_its_event_loop_closed() -> bool:
+    from backends.base import Delta, SamplingParams
+
+    go = threading.Event()
+    loop = _scripted_loop([Delta("a", 1)], go)
+    other = asyncio.new_event_loop()
+    try:
+        stream = loop.stream([1], SamplingParams(max_tokens=4))
+
+        async def start():
+            pending = asyncio.ensure_future(stream.__anext__())
+            async with asyncio.timeout(BOUND):
+                while not loop.admitted:
+                    await asyncio.sleep(0.01)
+            return pending
+
+        other.run_until_complete(start())._log_destroy_pending = False
+        other.close()  # its reader is gone with it: the step's hand-over cannot reach it
+        go.set()
+        request = loop.admitted[0]
+        deadline = time.monotonic() + BOUND
+        while not request.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return request.cancelled
+    finally:
+        loop.close()
+
+
+# -- orjson for the chunk text ---------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["plain", 'q"b\\s/', "\x00\x01\x1f\x7f", "\n\t\r", "\u2028\u2029",
+                                  "é 中 😀", "\ud800", "a\udfffb"])
+def test_chunk_text_is_what_json_dumps_writes_including_lone_surrogates(text):
+    from llmserve.openai_api import _json_text
+
+    assert _json_text(text) == json.dumps(text, ensure_ascii=False)
+
+
+# -- /metrics with BentoML's HTTP metrics and access log off ---------------------------------
+
+def test_with_http_metrics_and_access_log_off_metrics_still_serves_the_llm_metrics():
+    server = start_server({"LLMSERVE_SERVICE__HTTP_METRICS": "false", "LLMSERVE_SERVICE__ACCESS_LOG": "false",
+                           "LLMSERVE_MODELS__MINILM__PRELOAD": "false"}, name="test-server-lean")
+    try:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10)
+        assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+        assert server.metric("llm_requests_total", model="smollm2") == 1
+        assert "request_duration_seconds" not in metrics.text  # BentoML's HTTP metrics are off
+        assert "path=/v1/chat/completions" not in server.log_path.read_text()  # and its access log
+    finally:
+        server.stop()
