@@ -1,7 +1,7 @@
 """Side-by-side throughput matrix: this service against the raw engines it wraps.
 
     .venv/bin/python benchmarks/run.py                       # all backends, c = 1 8 32, 30 s a cell
-    .venv/bin/python benchmarks/run.py --quick               # llama.cpp, c = 1 8, a few seconds a cell
+    .venv/bin/python benchmarks/run.py --quick               # llama.cpp, c = 1 8, a few seconds a cell, one server per target
     .venv/bin/python benchmarks/run.py --backends vllm --concurrency 1 8 32 --duration 60
     .venv/bin/python benchmarks/run.py --calibrate           # the load generator against a stub
 
@@ -410,13 +410,14 @@ def parse_args(argv=None):
                    help="one server per backend x target for all its concurrencies (GPU runs)")
     p.add_argument("--smoke", action="store_true",
                    help="before the load, one chat and one streamed chat through the openai client")
-    p.add_argument("--quick", action="store_true", help="llama.cpp only, c = 1 and 8, 5 s a cell")
+    p.add_argument("--quick", action="store_true", help="llama.cpp only, c = 1 and 8, 5 s a cell, one server per target")
     p.add_argument("--calibrate", action="store_true",
                    help="run the load generator against a stub streaming at --stub-rate tokens/s per request")
     p.add_argument("--stub-rate", type=float, default=200.0)
     args = p.parse_args(argv)
     if args.quick:
         args.backends, args.concurrency, args.duration, args.output_tokens = ["llamacpp"], [1, 8], 5.0, 16
+        args.reuse_server = True
     unknown = [b for b in args.backends if b not in BACKEND_ALIAS]
     if unknown:
         p.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKEND_ALIAS)}")
