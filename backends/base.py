@@ -58,6 +58,7 @@ class SamplingParams:
     def features(self) -> set[str]:
         """The request fields these parameters use beyond plain sampling (see Backend.features)."""
         used = {
+            "seed": self.seed is not None,
             "logprobs": self.logprobs is not None,
             "presence_penalty": self.presence_penalty != 0,
             "frequency_penalty": self.frequency_penalty != 0,

@@ -37,8 +37,8 @@ _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     # all in the slot's sampler chain; JSON schemas become llama.cpp grammars (GBNF)
-    features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                          "logit_bias", "response_format", "tool_choice"})
+    features = frozenset({"seed", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                          "min_p", "logit_bias", "response_format", "tool_choice"})
 
     llm = None  # embedding aliases: a Llama object
     model = None  # generation aliases: the model, and a Scheduler owning the context

@@ -44,8 +44,8 @@ def _import_engine(alias: str):
 class TransformersBackend(Backend):
     name = "transformers"
     # per row in BatchLoop._sample; JSON schemas through xgrammar's matcher and token mask
-    features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                          "logit_bias", "response_format", "tool_choice"})
+    features = frozenset({"seed", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                          "min_p", "logit_bias", "response_format", "tool_choice"})
 
     model = None
     tokenizer = None
@@ -108,7 +108,9 @@ class TransformersBackend(Backend):
             except BaseException:
                 self._unload_sync()
                 raise
-            self.features = frozenset()  # its per-request processors: temperature, top_k, top_p only
+            # its per-request processors: temperature, top_k, top_p only (no random generator per
+            # request: no seed either)
+            self.features = frozenset()
             return
         self.batcher = BatchLoop(torch, self.model, self.tokenizer, eos, args.max_batch, args.prefill_chunk,
                                  name=f"hf-batch-{self.alias}")
@@ -173,10 +175,6 @@ class TransformersBackend(Backend):
         return await self._thread.call(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
 
     async def prepare(self, params: SamplingParams) -> None:
-        if self.paged is not None and params.seed is not None:
-            raise BadInput("`seed` is not supported by the transformers engine that serves this model (its "
-                           "continuous batching has no per-request random generator).", param="seed",
-                           code="unsupported_parameter")
         if params.json_schema is not None or params.tool_grammar is not None:
             params.compiled = await self._thread.call(self._grammar, params)
 
@@ -426,7 +424,8 @@ class BatchLoop(StepLoop):
         if self._faults is not None:
             self._faults.check("sample", row.request.params.seed)
         p = row.request.params
-        if greedy is not None and p.greedy() and not p.features() and row.matcher is None:
+        # a seed changes nothing for a greedy pick
+        if greedy is not None and p.greedy() and p.features() <= {"seed"} and row.matcher is None:
             return greedy  # plain greedy: the batch's argmax
         raw = logits.float()
         token = self._sample_row(self._shape(raw, row), row)

@@ -72,8 +72,8 @@ def _swap_space(args: VllmArgs, gib: float, engine_fields: set[str]) -> dict:
 class VllmBackend(Backend):
     name = "vllm"
     # vLLM's own sampling parameters and structured outputs
-    features = frozenset({"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                          "logit_bias", "response_format", "tool_choice"})
+    features = frozenset({"seed", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                          "min_p", "logit_bias", "response_format", "tool_choice"})
 
     engine = None
     _tokenizing: EngineThread | None = None  # the thread that renders and tokenizes prompts

@@ -120,6 +120,7 @@ async def test_when_one_of_n_choices_fails_the_others_are_cancelled_at_once():
 
     class OneChoiceFails(Backend):
         name = "stub"
+        features = frozenset({"seed"})
 
         async def load(self): ...
         async def unload(self): ...
