@@ -68,6 +68,18 @@ def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-
     return server
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the shared server shows the end of that server's log (what CI
+    prints is often all there is to go on), less the access lines of /metrics polls."""
+    report = yield
+    path = ROOT / ".cache" / "test-server.log"
+    if report.failed and "server" in item.fixturenames and path.exists():
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if "path=/metrics" not in ln]
+        report.sections.append(("test-server.log, last 60 lines", "\n".join(ln[:400] for ln in lines[-60:])))
+    return report
+
+
 @pytest.fixture(scope="session")
 def server():
     s = start_server()
