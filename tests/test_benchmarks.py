@@ -18,8 +18,8 @@ def run(args, tmp_path, timeout=600):
                           timeout=timeout)
 
 
-def test_quick_matrix_writes_tables_and_plots(tmp_path):
-    r = run(["--quick"], tmp_path)
+def test_quick_matrix_writes_tables_and_plots_from_one_server_per_target(tmp_path):
+    r = run(["--quick", "--smoke"], tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "out"
     data = json.loads((out / "results.json").read_text())
@@ -34,6 +34,18 @@ def test_quick_matrix_writes_tables_and_plots(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "llamacpp-service-c8" / "locust.html").exists()
     assert "cell 4/4" in r.stdout  # progress is shown
+    # --quick starts one server per target for all its concurrencies, and records its stop
+    assert "one server per target" in table
+    for target in ("service", "raw"):
+        first, second = cells[("llamacpp", target, 1)], cells[("llamacpp", target, 8)]
+        assert first["startup_s"] > 0 and second["startup_s"] == 0  # started once
+        assert (out / f"llamacpp-{target}-c1" / "server.log").exists()
+        assert not (out / f"llamacpp-{target}-c8" / "server.log").exists()
+        assert second["extra"]["shutdown"]["processes_left"] == []  # the last cell records the stop
+    service = cells[("llamacpp", "service", 1)]["extra"]
+    smoke = service["openai_smoke"]  # --smoke: a chat and a stream through the openai client
+    assert smoke["chat_completion_tokens"] >= 1 and smoke["stream_chunks"] >= 2 and smoke["stream_chars"] >= 1
+    assert service["service_resources"] == {}  # no GPU alias preloaded
 
 
 def test_unknown_backend_and_bad_concurrency_are_refused(tmp_path):
@@ -55,20 +67,3 @@ def test_a_target_answering_errors_fails_the_run_but_keeps_the_cells(tmp_path):
     (cell,) = data["cells"]
     assert not cell["ok"] and "400" in cell["error"]  # the warm-up chat was refused
     assert "cells failed" in r.stdout
-
-
-def test_reuse_server_serves_every_concurrency_from_one_server_and_stops_it_cleanly(tmp_path):
-    r = run(["--backends", "llamacpp", "--targets", "service", "--concurrency", "1", "2", "--duration", "3",
-             "--output-tokens", "8", "--reuse-server", "--smoke"], tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path / "out"
-    first, second = json.loads((out / "results.json").read_text())["cells"]
-    assert first["ok"] and second["ok"]
-    assert first["startup_s"] > 0 and second["startup_s"] == 0  # started once
-    assert (out / "llamacpp-service-c1" / "server.log").exists()
-    assert not (out / "llamacpp-service-c2" / "server.log").exists()
-    smoke = first["extra"]["openai_smoke"]  # a chat and a stream through the openai client
-    assert smoke["chat_completion_tokens"] >= 1 and smoke["stream_chunks"] >= 2 and smoke["stream_chars"] >= 1
-    assert first["extra"]["service_resources"] == {}  # no GPU alias preloaded
-    assert second["extra"]["shutdown"]["processes_left"] == []  # the last cell records the stop
-    assert "one server per target" in (out / "results.md").read_text()

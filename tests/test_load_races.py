@@ -128,8 +128,9 @@ SESSION_LOG = ROOT / ".cache" / "test-server.log"
 def test_a_failing_load_wanted_by_several_requests_runs_once_and_fails_them_all(http):
     """llama3-8b has no weights here: its load fails. Four requests come while another load
     holds the manager's lock, so they all wait for the one load of llama3-8b and get its
-    failure together, instead of retrying it one after another."""
-    slow, failing = "smollm2-hf-tools", "llama3-8b"
+    failure together, instead of retrying it one after another. The load that holds the lock
+    is a vLLM engine's start (~20 s on 2 cores); it stays loaded for tests/test_tools.py."""
+    slow, failing = "smollm2-vllm-tools", "llama3-8b"
     assert http.post(f"/models/{slow}/unload").status_code == 200
     attempts = SESSION_LOG.read_text().count(f"loading {failing} (")
     with cf.ThreadPoolExecutor(5) as pool:

@@ -35,7 +35,7 @@ def test_start_lists_every_alias_and_where_to_call(server):
 
 
 def test_an_on_demand_load_shows_in_models_the_log_and_the_metric(server, http):
-    alias = "smollm2-hf"  # ~20 s to load: the GGUF is dequantized to float32
+    alias = "smollm2-hf"  # under a second to load once its GGUF was dequantized (cached): polled closely
     http.post(f"/models/{alias}/load", timeout=300)  # (already loaded when the whole suite runs)
     assert http.post(f"/models/{alias}/unload").json()["was_loaded"]
     answer: dict = {}
@@ -52,7 +52,7 @@ def test_an_on_demand_load_shows_in_models_the_log_and_the_metric(server, http):
         row = model_row(http, alias)
         if row["loading"]:
             seen = row
-        time.sleep(0.1)
+        time.sleep(0.01)
     thread.join(timeout=300)
     assert answer["r"].status_code == 200
     assert seen is not None, "GET /models never showed the alias loading"
@@ -68,10 +68,10 @@ def test_an_on_demand_load_shows_in_models_the_log_and_the_metric(server, http):
     assert f"loading {alias} (transformers) ..." in log
     line = re.search(rf"loaded {alias} \(transformers\) in ([\d.]+) s, memory \+(\d+) MiB RSS, GPU \+n/a; "
                      r"1 request\(s\) waited for it", log)
-    assert line and float(line.group(1)) > 1
+    assert line and float(line.group(1)) > 0
     assert f"unloaded {alias} (requested)" in log
     assert server.metric("llm_model_load_seconds_count", model=alias) >= 1
-    assert server.metric("llm_model_load_seconds_sum", model=alias) > 1
+    assert server.metric("llm_model_load_seconds_sum", model=alias) > 0
 
 
 def test_a_failed_load_shows_its_reason_in_models_and_in_one_log_line(server, http):
