@@ -191,7 +191,9 @@ class StepLoop(abc.ABC):
                 self._pending.put(None)  # wakes an idle loop
 
     def queued(self) -> int:
-        return len(self._waiting) + self._pending.qsize()
+        with self._pending.mutex:  # requests only, not the None that wakes the loop after a cancel
+            pending = sum(item is not None for item in self._pending.queue)
+        return len(self._waiting) + pending
 
     def busy(self) -> int:
         return self.running() + self.queued()

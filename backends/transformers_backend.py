@@ -20,6 +20,7 @@ pass (EmbeddingBatcher).
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -31,6 +32,8 @@ from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
 from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, top_logprobs
 from .transformers_paged import PagedEngine
 from .grammar import structural_tag
+
+log = logging.getLogger("llmserve")
 
 
 def _import_engine(alias: str):
@@ -64,19 +67,22 @@ class TransformersBackend(Backend):
         args = self.config.transformers
         location = self.config.location()
         kwargs = {"trust_remote_code": self.config.trust_remote_code}  # off unless the alias says so
-        gguf = False
         if isinstance(location, Path) and location.is_file():  # a .gguf file
-            # dequantized once into a cached float32 directory (the one vLLM loads too):
-            # dequantizing at every load took ~15 s of a 135M model's ~17 s on 2 cores
-            location = gguf_to_hf_dir(location)
-            gguf = True
+            kwargs["gguf_file"] = location.name
+            location = location.parent
         elif self.config.gguf_file:
             kwargs["gguf_file"] = self.config.gguf_file
         model_kwargs = dict(kwargs)
         if args.dtype != "auto":
             model_kwargs["dtype"] = getattr(torch, args.dtype)
-        elif gguf or "gguf_file" in kwargs:
+        elif "gguf_file" in kwargs:
             model_kwargs["dtype"] = torch.float32  # GGUF dequantizes; fp32 on CPU answers best
+        if "gguf_file" in kwargs and model_kwargs["dtype"] == torch.float32 and not args.random_weights:
+            location, kwargs, model_kwargs = self._dequantized(location, kwargs, model_kwargs)
+        if not args.device_map or args.device_map == "cpu":
+            # weights read into this process's memory (not mapped from their file, where they
+            # would count in the memory measured at load only once a request has read them)
+            model_kwargs["disable_mmap"] = True
         if args.device_map:
             model_kwargs["device_map"] = args.device_map
         if args.attn_implementation:
@@ -90,11 +96,6 @@ class TransformersBackend(Backend):
                                               attn_implementation=args.attn_implementation).eval()
         else:
             self.model = auto.from_pretrained(location, **model_kwargs).eval()
-            if self.model.device.type == "cpu":
-                # safetensors weights stay mapped from their file until read: one token through
-                # the model reads them in, so the memory measured at load counts them
-                with torch.inference_mode():
-                    self.model(input_ids=torch.zeros((1, 1), dtype=torch.long))
         cfg = self.model.config
         ctx = args.max_context or getattr(cfg, "max_position_embeddings", None) or 2048
         if self.config.task == "embed":
@@ -123,6 +124,18 @@ class TransformersBackend(Backend):
             return
         self.batcher = BatchLoop(torch, self.model, self.tokenizer, eos, args.max_batch, args.prefill_chunk,
                                  name=f"hf-batch-{self.alias}")
+
+    def _dequantized(self, location: Path, kwargs: dict, model_kwargs: dict) -> tuple[Path, dict, dict]:
+        """A float32 load of a GGUF from its cached dequantized directory (the one vLLM loads
+        too): dequantizing at every load took ~15 s of a 135M model's ~17 s on 2 cores. Where
+        the cache cannot be written, the GGUF itself, as before."""
+        try:
+            converted = gguf_to_hf_dir(location / kwargs["gguf_file"])
+        except OSError as exc:
+            log.warning("%s: no cached float32 copy of the GGUF (%s); dequantizing it at this load", self.alias, exc)
+            return location, kwargs, model_kwargs
+        drop = lambda d: {k: v for k, v in d.items() if k != "gguf_file"}  # noqa: E731
+        return converted, drop(kwargs), drop(model_kwargs)
 
     async def unload(self) -> None:
         if self.batcher is not None:

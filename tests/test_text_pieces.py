@@ -122,3 +122,25 @@ def test_temperatures_too_small_to_divide_by_sample_greedily(temperature, greedy
     from backends.base import SamplingParams
 
     assert SamplingParams(max_tokens=1, temperature=temperature).greedy() is greedy
+
+
+def test_the_cached_float32_copy_of_a_gguf_has_its_tokenizer_template_and_special_tokens(smollm2_tokenizer):
+    """Transformers and vLLM aliases load a GGUF from backends/convert.py's dequantized copy:
+    it tokenizes, renders chats and ends generations as the GGUF itself does."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from backends.convert import gguf_to_hf_dir
+    from llmserve.config import load_settings
+
+    copy = gguf_to_hf_dir(load_settings().models["smollm2-hf"].location())
+    converted = AutoTokenizer.from_pretrained(copy)
+    for text in ("Hello, world!", "I love 🦙 and café", "  leading spaces\nand\ttabs", "<|im_start|>user"):
+        assert converted(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"], text
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    for prompt in (True, False):
+        assert (converted.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+                == smollm2_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt))
+    assert (converted.bos_token_id, converted.eos_token_id) == (smollm2_tokenizer.bos_token_id,
+                                                                smollm2_tokenizer.eos_token_id)
+    assert GenerationConfig.from_pretrained(copy).eos_token_id == smollm2_tokenizer.eos_token_id
