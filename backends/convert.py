@@ -19,6 +19,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from .base import release_memory
+
 log = logging.getLogger("llmserve")
 
 
@@ -61,8 +63,6 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model, state
-        from .base import release_memory
-
         release_memory()  # the float32 model is gone before the load that follows measures itself
         # the rename is atomic: a half-written directory is never taken as finished
         try:

@@ -65,20 +65,20 @@ class TransformersBackend(Backend):
     def _load_sync(self) -> None:
         torch, tf = self._torch, self._tf
         args = self.config.transformers
-        location = self.config.location()
-        kwargs = {"trust_remote_code": self.config.trust_remote_code}  # off unless the alias says so
+        location, gguf_file = self.config.location(), self.config.gguf_file
         if isinstance(location, Path) and location.is_file():  # a .gguf file
-            kwargs["gguf_file"] = location.name
-            location = location.parent
-        elif self.config.gguf_file:
-            kwargs["gguf_file"] = self.config.gguf_file
+            location, gguf_file = location.parent, location.name
+        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else None
+        if gguf_file and dtype is None:
+            dtype = torch.float32  # GGUF dequantizes; fp32 on CPU answers best
+        if gguf_file and dtype == torch.float32 and not args.random_weights:
+            location, gguf_file = self._dequantized(location, gguf_file)
+        kwargs = {"trust_remote_code": self.config.trust_remote_code}  # off unless the alias says so
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
         model_kwargs = dict(kwargs)
-        if args.dtype != "auto":
-            model_kwargs["dtype"] = getattr(torch, args.dtype)
-        elif "gguf_file" in kwargs:
-            model_kwargs["dtype"] = torch.float32  # GGUF dequantizes; fp32 on CPU answers best
-        if "gguf_file" in kwargs and model_kwargs["dtype"] == torch.float32 and not args.random_weights:
-            location, kwargs, model_kwargs = self._dequantized(location, kwargs, model_kwargs)
+        if dtype is not None:
+            model_kwargs["dtype"] = dtype
         if not args.device_map or args.device_map == "cpu":
             # weights read into this process's memory (not mapped from their file, where they
             # would count in the memory measured at load only once a request has read them)
@@ -125,17 +125,15 @@ class TransformersBackend(Backend):
         self.batcher = BatchLoop(torch, self.model, self.tokenizer, eos, args.max_batch, args.prefill_chunk,
                                  name=f"hf-batch-{self.alias}")
 
-    def _dequantized(self, location: Path, kwargs: dict, model_kwargs: dict) -> tuple[Path, dict, dict]:
-        """A float32 load of a GGUF from its cached dequantized directory (the one vLLM loads
-        too): dequantizing at every load took ~15 s of a 135M model's ~17 s on 2 cores. Where
-        the cache cannot be written, the GGUF itself, as before."""
+    def _dequantized(self, location: Path, gguf_file: str) -> tuple[Path, Optional[str]]:
+        """Where a float32 load of a GGUF reads from: its cached dequantized directory (the one
+        vLLM loads too; dequantizing at every load took ~15 s of a 135M model's ~17 s on 2
+        cores), or, where the cache cannot be written, the GGUF itself as before."""
         try:
-            converted = gguf_to_hf_dir(location / kwargs["gguf_file"])
+            return gguf_to_hf_dir(location / gguf_file), None
         except OSError as exc:
             log.warning("%s: no cached float32 copy of the GGUF (%s); dequantizing it at this load", self.alias, exc)
-            return location, kwargs, model_kwargs
-        drop = lambda d: {k: v for k, v in d.items() if k != "gguf_file"}  # noqa: E731
-        return converted, drop(kwargs), drop(model_kwargs)
+            return location, gguf_file
 
     async def unload(self) -> None:
         if self.batcher is not None:

@@ -73,9 +73,9 @@ def pytest_runtest_makereport(item, call):
     """A failed test that used the shared server shows the end of that server's log (what CI
     prints is often all there is to go on), less the access lines of /metrics polls."""
     report = yield
-    path = ROOT / ".cache" / "test-server.log"
-    if report.failed and "server" in getattr(item, "fixturenames", ()) and path.exists():
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if "path=/metrics" not in ln]
+    server = getattr(item, "funcargs", {}).get("server")
+    if report.failed and server is not None and server.log_path.exists():
+        lines = [ln for ln in server.log_path.read_text(errors="replace").splitlines() if "path=/metrics" not in ln]
         report.sections.append(("test-server.log, last 60 lines", "\n".join(ln[:400] for ln in lines[-60:])))
     return report
 
