@@ -311,6 +311,9 @@ class BatchLoop(StepLoop):
         return len(self.rows) + len(self.prefilling)
 
     def _drop_cancelled(self) -> None:
+        for row in self.prefilling:
+            if row.request.cancelled:
+                row.cache = None  # its own prefill cache, freed now rather than when the step ends
         self.prefilling = [r for r in self.prefilling if not r.request.cancelled]
         self._keep([i for i, r in enumerate(self.rows) if not r.request.cancelled])
 
@@ -351,18 +354,24 @@ class BatchLoop(StepLoop):
             for row in list(self.prefilling):
                 if budget <= 0:
                     break
+                self._drop_cancelled()  # a client gone during the last forward pass is not computed again
+                if row.request.cancelled:
+                    continue
                 try:  # a prefill runs on the row's own cache: a failure ends that request alone
                     used, token = self._prefill_chunk(row, budget)
                 except Exception as exc:
                     self._end_row(row, exc)
                     continue
                 budget -= used
-                if token is not None:
+                if token is not None and row.request.cancelled:  # gone during its last chunk: not joined
+                    row.cache = None
+                elif token is not None:
                     try:
                         self._join(row, token)
                     except Exception as exc:  # in neither list now: answered here; the batch's cache
                         row.request.fail(exc)  # may be half-joined, so the batch fails too
                         raise
+            self._drop_cancelled()
             if self.rows:
                 self._decode()
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import GENERATIVE, wait_for
+from conftest import BOUND, GENERATIVE, wait_for
 
 PROMPTS = ["What is the capital of France?", "Tell me a joke about cats.", "Name three colors.",
            "Write a haiku about the sea."]
@@ -151,3 +151,57 @@ def test_concurrent_embedding_requests_share_forward_passes_and_match_single_ans
     diff = max(abs(a - b) for a, b in zip(first["data"][0]["embedding"], single["data"][0]["embedding"]))
     assert diff < 1e-4
     assert all(len(a["data"]) == 1 and len(a["data"][0]["embedding"]) == 384 for a in answers)
+
+
+async def test_a_request_cancelled_while_another_prompt_is_prefilled_is_not_in_the_next_forward_pass():
+    """The Transformers loop frees a cancelled request's place after the forward pass in flight,
+    not at the end of its step: a step that prefills new prompts and then decodes is several
+    forward passes long (here, in-process on the real alias, the prefill is held until the
+    client of the decoding request has left; the decode right after it must not include it)."""
+    import asyncio
+
+    from backends.base import SamplingParams
+    from llmserve.config import load_settings
+    from llmserve.manager import make_backend
+
+    backend = make_backend("smollm2-hf", load_settings().models["smollm2-hf"])
+    await backend.load()
+    forward, rows_decoded, rows_held = backend.model.forward, [], []
+    in_prefill, release = threading.Event(), threading.Event()
+
+    def watched(*args, **kwargs):  # on the engine thread
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and not release.is_set():  # the second request's prefill: held
+            rows_held.append(len(backend.batcher.rows))
+            in_prefill.set()
+            release.wait(BOUND)
+        elif ids.shape[1] == 1 and release.is_set():
+            rows_decoded.append(ids.shape[0])
+        return forward(*args, **kwargs)
+
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    leaving = backend.generate(await backend.encode_chat([{"role": "user", "content": PROMPTS[0]}]), params)
+    staying = backend.generate(await backend.encode_chat([{"role": "user", "content": PROMPTS[1]}]), params)
+    first = None
+    try:
+        await leaving.__anext__()  # decoding now
+        backend.model.forward = watched
+        first = asyncio.ensure_future(staying.__anext__())
+        assert await asyncio.to_thread(in_prefill.wait, BOUND), "the second prompt was not prefilled"
+        assert rows_held == [1], "the leaving request was not in the batch while the other prompt was prefilled"
+        await leaving.aclose()  # the client left while the other prompt's forward pass runs
+        release.set()
+        async with asyncio.timeout(BOUND):
+            await first
+            while not rows_decoded:
+                await asyncio.sleep(0.01)
+        assert rows_decoded[0] == 1, f"the first decode after the prefill ran {rows_decoded[0]} rows"
+    finally:
+        release.set()
+        if first is not None:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        await staying.aclose()
+        await leaving.aclose()
+        backend.model.forward = forward
+        await backend.unload()
