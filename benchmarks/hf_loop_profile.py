@@ -21,10 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import backends.transformers_backend as tb  # noqa: E402
-from backends.base import SamplingParams  # noqa: E402
 from llmserve.config import load_settings  # noqa: E402
 from llmserve.manager import make_backend  # noqa: E402
-from prompts import prompt_text  # noqa: E402
+from inprocess import drive  # noqa: E402
 
 spent: collections.Counter = collections.Counter()
 calls: collections.Counter = collections.Counter()
@@ -56,29 +55,15 @@ async def run(args) -> None:
     backend = make_backend(args.alias, cfg)
     await backend.load()
     backend.model.forward = timed("model forward", backend.model.forward)
-    params = SamplingParams(max_tokens=args.output_tokens, temperature=0, ignore_eos=True)
-    stop_at = time.perf_counter() + args.duration
-    tokens = 0
-
-    async def user(n: int) -> None:
-        nonlocal tokens
-        salt = n
-        while time.perf_counter() < stop_at:
-            ids = await backend.encode_chat([{"role": "user", "content": prompt_text(args.prompt_words, salt)}])
-            last = 0
-            async for d in backend.generate(ids, params):
-                last = d.completion_tokens
-            tokens += last
-            salt += args.concurrency
-
     spent.clear()
     calls.clear()
     start = time.perf_counter()
     try:
-        await asyncio.gather(*(user(i) for i in range(args.concurrency)))
+        records = await drive(backend, args)  # the in-process cells' streams and prompts
     finally:
         wall = time.perf_counter() - start
         await backend.unload()
+    tokens = sum(r["tokens"] for r in records)
     print(f"c={args.concurrency} max_batch={backend.config.transformers.max_batch}: {tokens} tokens in {wall:.1f} s "
           f"= {tokens / wall:.1f} tok/s, {calls['_step']} steps")
     print("| stage | seconds | share of wall | calls | ms a call |\n| --- | ---: | ---: | ---: | ---: |")

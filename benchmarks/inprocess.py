@@ -23,10 +23,9 @@ from llmserve.manager import make_backend  # noqa: E402
 from prompts import prompt_text  # noqa: E402
 
 
-async def run(args) -> dict:
-    settings = load_settings(args.config)
-    backend = make_backend(args.alias, settings.models[args.alias])
-    await backend.load()
+async def drive(backend, args) -> list[dict]:
+    """``args.concurrency`` streams on a loaded backend for ``args.duration`` seconds, each
+    starting its next request when one ends: one record per finished request."""
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0, ignore_eos=True)
     records = []
     stop_at = time.perf_counter() + args.duration
@@ -44,7 +43,17 @@ async def run(args) -> dict:
             salt += args.concurrency
 
     await asyncio.gather(*(user(i) for i in range(args.concurrency)))
-    await backend.unload()
+    return records
+
+
+async def run(args) -> dict:
+    settings = load_settings(args.config)
+    backend = make_backend(args.alias, settings.models[args.alias])
+    await backend.load()
+    try:
+        records = await drive(backend, args)
+    finally:
+        await backend.unload()
     span = max(r["end"] for r in records) - min(r["start"] for r in records)
     ttft = sorted(r["ttft"] for r in records)
     return {"requests": len(records), "output_tokens": sum(r["tokens"] for r in records),

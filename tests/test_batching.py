@@ -4,6 +4,7 @@ once, a long prompt does not stall the others, and embeddings are batched."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import json
 import threading
@@ -158,8 +159,6 @@ async def test_a_request_cancelled_while_another_prompt_is_prefilled_is_not_in_t
     not at the end of its step: a step that prefills new prompts and then decodes is several
     forward passes long (here, in-process on the real alias, the prefill is held until the
     client of the decoding request has left; the decode right after it must not include it)."""
-    import asyncio
-
     from backends.base import SamplingParams
     from llmserve.config import load_settings
     from llmserve.manager import make_backend
