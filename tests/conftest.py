@@ -32,13 +32,13 @@ FAULTS_ENV = ",".join(f"{stage}:{seed}" for stage, seed in FAULT_SEEDS.items())
 BOUND = 30.0  # seconds: what a condition the tests wait on may take on a busy 2-core machine
 
 
-def wait_for(condition, what: str, bound: float = BOUND) -> None:
+def wait_for(condition, what: str, bound: float = BOUND, every: float = 0.1) -> None:
     """Waits until ``condition()`` holds, failing with ``what`` after ``bound`` seconds (a bound
-    that holds on a busy 2-core machine)."""
+    that holds on a busy 2-core machine), checking ``every`` so many seconds."""
     deadline = time.monotonic() + bound
     while not condition():
         assert time.monotonic() < deadline, f"{what}, still after {bound:.0f} s"
-        time.sleep(0.1)
+        time.sleep(every)
 
 
 def has_content(chunk) -> bool:

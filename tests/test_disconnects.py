@@ -163,8 +163,9 @@ def test_a_responses_request_whose_client_leaves_during_an_on_demand_load_releas
     sock = send_and_keep_open(server, "/respond", {"model": model, "input": "Write a long story.", "stream": True,
                                                     "max_output_tokens": 1500, "temperature": 0.8})
     try:
+        # the load takes 0.1-0.2 s here: checked every 5 ms, or it can come and go unseen
         wait_for(lambda: http.get(f"/v1/models/{model}").json()["waiting_for_load"] >= 1,
-                 f"the request did not wait for {model} to load")
+                 f"the request did not wait for {model} to load", every=0.005)
     finally:
         sock.close()
     wait_for(lambda: http.get(f"/v1/models/{model}").json()["loaded"], f"{model} did not finish loading")
