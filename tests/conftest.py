@@ -71,11 +71,14 @@ def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed test that used the shared server shows the end of that server's log (what CI
-    prints is often all there is to go on), less the access lines of /metrics polls."""
+    prints is often all there is to go on), less the access lines of the polls tests wait with
+    (/metrics and GET /v1/models/{name})."""
     report = yield
     server = getattr(item, "funcargs", {}).get("server")
     if report.failed and server is not None and server.log_path.exists():
-        lines = [ln for ln in server.log_path.read_text(errors="replace").splitlines() if "path=/metrics" not in ln]
+        polls = ("path=/metrics", "method=GET,path=/v1/models/")
+        lines = [ln for ln in server.log_path.read_text(errors="replace").splitlines()
+                 if not any(p in ln for p in polls)]
         report.sections.append(("test-server.log, last 60 lines", "\n".join(ln[:400] for ln in lines[-60:])))
     return report
 

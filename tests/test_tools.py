@@ -292,9 +292,9 @@ def test_streamed_call_deltas_reassemble_to_the_unstreamed_call_byte_for_byte(oa
     assert content == (whole.message.content or "")
     assert [(name, args) for _, name, args in calls] == [
         (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
-    # the arguments came in pieces, not whole (one a token on llama.cpp and Transformers; vLLM
-    # merges the deltas of steps that a busy server has not read yet into one)
-    assert fragments[0] > 1
+    # the arguments came in pieces, not whole: one a token on llama.cpp and Transformers; vLLM
+    # merges the deltas of steps that a busy server has not read yet, so fewer there
+    assert fragments[0] > (1 if alias == "smollm2-vllm-tools" else 3)
 
 
 def test_tool_choice_none_never_calls_even_after_examples_of_calls(oai, alias):

@@ -342,12 +342,16 @@ def test_without_the_right_key_the_page_says_401_or_403_instead_of_breaking(brow
 def test_a_429_is_shown_with_when_to_retry(browser, guarded):
     holding = threading.Event()
     done = threading.Event()
+    holder_status: list[int] = []
 
     def hold_the_only_place():
         body = {"model": "smollm2", "max_tokens": 1500, "ignore_eos": True, "stream": True,
                 "messages": [{"role": "user", "content": "Tell me a long story."}]}
         with httpx.Client(base_url=guarded.url, headers={"Authorization": f"Bearer {INFERENCE}"}, timeout=120) as c:
             with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                holder_status.append(r.status_code)
+                if r.status_code != 200:
+                    return
                 for _ in r.iter_lines():
                     holding.set()
                     if done.is_set():
@@ -364,7 +368,7 @@ def test_a_429_is_shown_with_when_to_retry(browser, guarded):
         page.fill("#prompt", "Hi")
         # the place is taken only now, so the page's own setup cannot outlast the holding stream
         holder.start()
-        assert holding.wait(60), "the first request did not start streaming"
+        assert holding.wait(60), f"the first request did not start streaming (status {holder_status})"
         page.click("#send")
         page.wait_for_function("() => document.getElementById('notice').textContent.includes('429')")
         assert re.match(r"429 Too many requests: .+ Try again in \d+ s\.", page.inner_text("#notice"))
