@@ -67,8 +67,17 @@ tag=$(.venv/bin/bentoml build -f build/image/bentofile.yaml --output tag 2>build
 [ -n "$tag" ] || fail "bentoml build failed: $(tail -1 build/image/build.log) (all of it in build/image/build.log)"
 [ -z "${LLMSERVE_BENTO_TAG_FILE:-}" ] || echo "$tag" > "$LLMSERVE_BENTO_TAG_FILE"
 echo "containerize: built Bento $tag; building the image with $backend ..."
+# where the layers go, and its free space: a buildah (vfs) build of the CPU image took ~10.4 GB of
+# disk at its peak here (2026-11-27); its "no space left on device" is buried in the output
+if [ $backend = buildah ]; then store=$(buildah info --format '{{.store.GraphRoot}}' 2>/dev/null || true)
+else store=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null || true); fi
+store=${store:-/var/lib}
+while [ ! -d "$store" ]; do store=$(dirname "$store"); done
+free="$(df -BG --output=avail "$store" | tail -1 | tr -dc 0-9) GB free on $store"
 .venv/bin/bentoml containerize "$tag" --backend "$backend" -t "$image" \
-  || { echo "containerize: the image build failed (output above)" >&2; exit 1; }
+  || { echo "containerize: the image build failed (output above); $free (the CPU image took ~10.4 GB at its" \
+            "peak on buildah: if the output says 'no space left on device', free disk, e.g. 'buildah rmi --prune')" >&2
+       exit 1; }
 if [ $backend = buildah ]; then size=$(buildah images --format '{{.Size}}' "$image" | head -1)
 else size=$(docker image inspect -f '{{.Size}}' "$image"); fi
-echo "containerize: $image built in $(( $(date +%s) - start )) s, $size"
+echo "containerize: $image built in $(( $(date +%s) - start )) s, $size ($free before the build)"
