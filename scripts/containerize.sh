@@ -21,11 +21,13 @@ while [ $# -gt 0 ]; do
 done
 image=${LLMSERVE_IMAGE_TAG:-llmserve:$variant}
 fail() { echo "containerize: $*" >&2; exit 2; }
+# the container engine, and where it keeps its layers (a failed build reports their free space)
 if [ -z "$base" ] && docker info >/dev/null 2>&1; then
-  backend=docker
+  backend=docker store=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null || true)
 elif command -v buildah >/dev/null; then
   backend=buildah
   export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs} BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
+  store=$(buildah info --format '{{.store.GraphRoot}}' 2>/dev/null || true)
 else
   fail "no container engine: ${base:+--local-base needs buildah; }start a Docker daemon, or install buildah (apt-get install buildah)"
 fi
@@ -67,10 +69,8 @@ tag=$(.venv/bin/bentoml build -f build/image/bentofile.yaml --output tag 2>build
 [ -n "$tag" ] || fail "bentoml build failed: $(tail -1 build/image/build.log) (all of it in build/image/build.log)"
 [ -z "${LLMSERVE_BENTO_TAG_FILE:-}" ] || echo "$tag" > "$LLMSERVE_BENTO_TAG_FILE"
 echo "containerize: built Bento $tag; building the image with $backend ..."
-# where the layers go, and its free space: a buildah (vfs) build of the CPU image took ~10.4 GB of
-# disk at its peak here (2026-11-27); its "no space left on device" is buried in the output
-if [ $backend = buildah ]; then store=$(buildah info --format '{{.store.GraphRoot}}' 2>/dev/null || true)
-else store=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null || true); fi
+# free space where the layers go: a buildah (vfs) build of the CPU image took ~10.4 GB of disk at
+# its peak here (2026-11-27), and its "no space left on device" is buried in the output
 store=${store:-/var/lib}
 while [ ! -d "$store" ]; do store=$(dirname "$store"); done
 free="$(df -BG --output=avail "$store" | tail -1 | tr -dc 0-9) GB free on $store"

@@ -37,10 +37,11 @@ def stream_chat(url: str, model: str, content: str, times: list | None = None, *
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for c in chunk["choices"]:
-                if c["delta"].get("content") or (c.get("logprobs") or {}).get("content"):
+                content = c["delta"].get("content")
+                if content or (c.get("logprobs") or {}).get("content"):
                     times.append(time.monotonic())
-                if c["delta"].get("content"):
-                    text.append(c["delta"]["content"])
+                if content:
+                    text.append(content)
                 finish = c["finish_reason"] or finish
     return {"text": "".join(text), "usage": usage, "finish": finish, "times": times}
 
