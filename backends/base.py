@@ -41,6 +41,9 @@ class SamplingParams:
     seed: Optional[int] = None
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # None: no logprobs; k: each token's logprob and the k most likely
+    # None: none; k: each prompt token's logprob given the tokens before it, and the k most likely
+    # there (what echo + logprobs asks of completions); sent on the generation's first Delta
+    prompt_logprobs: Optional[int] = None
     presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated
     frequency_penalty: float = 0.0  # minus this times how often the token was generated
     repetition_penalty: float = 1.0  # vLLM / Hugging Face's: divides the logits of tokens seen
@@ -60,6 +63,7 @@ class SamplingParams:
         used = {
             "seed": self.seed is not None,
             "logprobs": self.logprobs is not None,
+            "prompt_logprobs": self.prompt_logprobs is not None,
             "presence_penalty": self.presence_penalty != 0,
             "frequency_penalty": self.frequency_penalty != 0,
             "repetition_penalty": self.repetition_penalty != 1,
@@ -90,6 +94,16 @@ class Delta:
     completion_tokens: int
     finish_reason: Optional[str] = None  # "stop" or "length" on the last step
     logprobs: Optional[list[TokenLogprob]] = None  # the tokens of this step, when asked for
+    # on the first Delta when SamplingParams.prompt_logprobs asks: one entry per prompt token,
+    # None for the first (nothing comes before it)
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+
+
+# The item a generation yields first once the engine has taken the request into its batch
+# (a StepLoop's _admit): the time limits of a request count from it, not from the queue before
+# it. Engines that cannot tell (vLLM schedules inside its own process) never send it, and their
+# first token stands for it. Compared by identity; it carries no text or tokens.
+ADMITTED = Delta("", 0)
 
 
 @dataclass

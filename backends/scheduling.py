@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from . import faults
-from .base import Delta, Embeddings, SamplingParams
+from .base import ADMITTED, Delta, Embeddings, SamplingParams
 from .errors import EngineError, EngineFailure
 
 log = logging.getLogger("llmserve")
@@ -91,6 +91,11 @@ class StepRequest:
     emit: Callable[[object], None]  # thread-safe: hands a Delta or an exception to the client
     extra: Any = None  # what the engine prepared for this request beside its params (a grammar)
     cancelled: bool = False
+
+    def admitted(self) -> None:
+        """Tells the client its request left the queue for the batch (base.ADMITTED): an engine's
+        _admit calls it once per request it admits."""
+        self.emit(ADMITTED)
 
     def fail(self, exc: Exception) -> None:
         """Ends this request alone with ``exc``: a neutral engine error as it is (a BadInput

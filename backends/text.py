@@ -8,7 +8,7 @@ import functools
 import re
 from typing import AsyncIterator, Callable, Optional
 
-from .base import Delta, TokenLogprob
+from .base import ADMITTED, Delta, TokenLogprob
 from .errors import BadInput
 
 
@@ -163,14 +163,18 @@ async def _cut_at_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> Async
     scanner = StopScanner(stops)
     try:
         async for d in deltas:
+            if d is ADMITTED:
+                yield d
+                continue
             text, hit = scanner.feed(d.text)
             if hit:
-                yield Delta(text, d.completion_tokens, "stop", d.logprobs)
+                yield Delta(text, d.completion_tokens, "stop", d.logprobs, d.prompt_logprobs)
                 return
             if d.finish_reason:
-                yield Delta(text + scanner.flush(), d.completion_tokens, d.finish_reason, d.logprobs)
+                yield Delta(text + scanner.flush(), d.completion_tokens, d.finish_reason, d.logprobs,
+                            d.prompt_logprobs)
                 return
-            if text or d.logprobs:
-                yield Delta(text, d.completion_tokens, None, d.logprobs)
+            if text or d.logprobs or d.prompt_logprobs:
+                yield Delta(text, d.completion_tokens, None, d.logprobs, d.prompt_logprobs)
     finally:
         await deltas.aclose()
