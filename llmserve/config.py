@@ -28,6 +28,14 @@ DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
 BackendName = Union[Literal["llamacpp", "transformers", "vllm"],
                     Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]]
 
+# each built-in backend -> the engine module it needs
+ENGINE_MODULES = {"llamacpp": "llama_cpp", "transformers": "transformers", "vllm": "vllm"}
+
+
+def engine_installed(backend: str) -> bool:
+    """Whether the engine of a built-in backend can be imported here (found, not imported)."""
+    return importlib.util.find_spec(ENGINE_MODULES[backend]) is not None
+
 
 class PackageFile(_Strict):
     """A file or folder shipped inside an installed Python package.
@@ -59,7 +67,8 @@ class ModelConfig(_Strict):
     task: Literal["generate", "embed"] = "generate"
     preload: bool = False
     description: str = ""
-    # requests running plus queued at once; past it a 429 (default: 8x what the engine decodes together)
+    # sequences running plus queued at once (a request asking for n choices counts n); past it a
+    # 429 (default: 8x what the engine decodes together)
     max_pending: Optional[int] = Field(None, ge=1)
     trust_remote_code: bool = False  # run the model repository's own Python (Transformers / vLLM)
     keep_alive: Optional[float] = Field(None, gt=0)  # seconds idle before it unloads itself (None: never)
@@ -93,11 +102,23 @@ class ModelConfig(_Strict):
         name = self.package.path if self.package else self.source
         return str(name).lower().endswith(".gguf") or bool(self.gguf_file)
 
+    def chosen_backend(self) -> str:
+        """The backend that serves this alias, decided here alone: what the manager loads, and so
+        what the pending limit, the concurrency and the GPUs declared for the service follow.
+        An explicit ``backend`` wins; a GGUF goes to llama.cpp; a Hugging Face model goes to vLLM
+        when it is importable, else to Transformers. "Importable" means in this process: a plan
+        made where the image's engines are not installed (a laptop that builds a GPU Bento, deploy
+        manifests) should name ``backend: vllm``, as the shipped GPU aliases do."""
+        if self.backend:
+            return self.backend
+        if self.is_gguf():
+            return "llamacpp"
+        return "vllm" if engine_installed("vllm") else "transformers"
+
     def engine_args(self) -> LlamaCppArgs | TransformersArgs | VllmArgs | None:
-        """The arguments of the engine this alias runs on (None for an engine of the user's own);
-        with no ``backend``, a GGUF means llama.cpp and anything else vLLM, as on a GPU machine."""
-        name = self.backend or ("llamacpp" if self.is_gguf() else "vllm")
-        return getattr(self, name, None) if name in ("llamacpp", "transformers", "vllm") else None
+        """The arguments of the engine this alias runs on (None for an engine of the user's own)."""
+        name = self.chosen_backend()
+        return getattr(self, name) if name in ENGINE_MODULES else None
 
     def gpus(self) -> int:
         """GPUs this alias asks for: vLLM's tensor x pipeline parallel size."""

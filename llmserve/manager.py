@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import importlib.util
+import importlib
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 from backends import errors as engine_errors
 from backends.base import Backend
 
-from .config import ModelConfig, Settings
+from .config import ENGINE_MODULES, ModelConfig, Settings, engine_installed
 from .errors import (APIError, EngineError, EngineNotInstalled, Forbidden, InvalidRequest, ModelNotFound, Overloaded,
                      to_api_error)
 from .logs import gpu_bytes, mib, rss_bytes
@@ -26,36 +26,24 @@ log = logging.getLogger("llmserve")
 # may make a request load one on demand
 MAY_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("llmserve_may_load", default=True)
 
-# backend name -> (module, class, the engine module it needs)
+# backend name -> (module, class); the engine each needs is config.ENGINE_MODULES'
 BACKENDS = {
-    "llamacpp": ("backends.llamacpp_backend", "LlamaCppBackend", "llama_cpp"),
-    "transformers": ("backends.transformers_backend", "TransformersBackend", "transformers"),
-    "vllm": ("backends.vllm_backend", "VllmBackend", "vllm"),
+    "llamacpp": ("backends.llamacpp_backend", "LlamaCppBackend"),
+    "transformers": ("backends.transformers_backend", "TransformersBackend"),
+    "vllm": ("backends.vllm_backend", "VllmBackend"),
 }
 
 
-def engine_installed(backend: str) -> bool:
-    return importlib.util.find_spec(BACKENDS[backend][2]) is not None
-
-
-def choose_backend(config: ModelConfig) -> str:
-    """Explicit ``backend`` wins; a GGUF goes to llama.cpp; a Hugging Face model goes
-    to vLLM when it is importable, else to Transformers."""
-    if config.backend:
-        return config.backend
-    if config.is_gguf():
-        return "llamacpp"
-    return "vllm" if engine_installed("vllm") else "transformers"
-
-
 def make_backend(alias: str, config: ModelConfig) -> Backend:
-    name = choose_backend(config)
+    """The backend ``config.chosen_backend()`` names (the one choice the configuration's pending
+    limit and GPUs follow too), not loaded yet."""
+    name = config.chosen_backend()
     if name not in BACKENDS:  # "package.module:Class", an engine of the user's own
         module, _, cls = name.partition(":")
         return getattr(importlib.import_module(module), cls)(alias, config)
-    module, cls, engine = BACKENDS[name]
-    if importlib.util.find_spec(engine) is None:
-        raise EngineNotInstalled(name, engine, alias)
+    module, cls = BACKENDS[name]
+    if not engine_installed(name):
+        raise EngineNotInstalled(name, ENGINE_MODULES[name], alias)
     return getattr(importlib.import_module(module), cls)(alias, config)
 
 
@@ -67,7 +55,8 @@ class ModelManager:
         # under one lock, so two loads cannot both pass max_loaded_models or the memory budget,
         # and an eviction cannot run beside a new load of its victim
         self._lock = asyncio.Lock()
-        self._in_flight: dict[str, int] = {a: 0 for a in settings.models}
+        self._in_flight: dict[str, int] = {a: 0 for a in settings.models}  # requests holding each alias
+        self._sequences: dict[str, int] = {a: 0 for a in settings.models}  # their sequences (n each): max_pending
         self._last_used: dict[str, float] = {}
         self._measured: dict[str, int] = {}  # resident memory each alias's last load took
         self._loading: dict[str, float] = {}  # alias -> when its load started (epoch seconds)
@@ -76,7 +65,9 @@ class ModelManager:
         self._memory: dict[str, dict[str, int | None]] = {}  # what each load took
         self.errors: dict[str, str] = {}  # alias -> why its last load failed
         self._pending: dict[str, asyncio.Future] = {}  # alias -> its load in progress, awaited by all who want it
-        self._unloading: dict[str, asyncio.Event] = {}  # alias -> set once its unload (drain, then drop) is over
+        # alias -> set once its unload (drain, then drop) is over; until then its engine still holds
+        # its memory, so it counts against max_loaded_models and the memory budget like a loaded one
+        self._unloading: dict[str, asyncio.Event] = {}
 
     # -- lookup -------------------------------------------------------------------------
     def config(self, alias: str) -> ModelConfig:
@@ -94,13 +85,15 @@ class ModelManager:
                 "object": "model",
                 "created": 0,
                 "owned_by": "llmserve",
-                "backend": choose_backend(cfg),
+                "backend": cfg.chosen_backend(),
                 "task": cfg.task,
                 "loaded": backend is not None,
                 "loading": alias in self._loading,
                 "loading_since": self._loading.get(alias),
                 "waiting_for_load": self._waiting[alias],
                 "in_use": self._in_flight[alias],  # requests holding it (running, queued or streaming)
+                "sequences_in_use": self._sequences[alias],  # their choices (n each), what max_pending counts
+                "unloading": alias in self._unloading,  # draining: not taking requests, still holding its engine
                 "error": self.errors.get(alias),
                 "source": cfg.source or f"{cfg.package.package}/{cfg.package.path}",
                 "preload": cfg.preload,
@@ -160,52 +153,63 @@ class ModelManager:
             done.exception()  # retrieved here: a failure nobody awaits any more is not reported twice
 
     async def _load(self, alias: str, cfg: ModelConfig) -> dict[str, Any]:
-        unloading = self._unloading.get(alias)
-        if unloading is not None:  # its unload is draining: load it again once that is over
-            await unloading.wait()
-        async with self._lock:
-            if alias in self.loaded and self.loaded[alias].failure() is None:
-                return self.loaded[alias].describe()
-            if alias in self.loaded:  # its engine died: what is left is shut down, then a fresh load
-                log.warning("reloading %s: %s", alias, self.loaded[alias].failure())
-                await self._drop(alias, self.loaded.pop(alias), "engine failed")
-            await self._make_room(alias)
-            self._loading[alias] = time.time()
-            started = time.perf_counter()
-            rss, gpu = rss_bytes(), gpu_bytes()
-            try:
-                backend = make_backend(alias, cfg)
-                log.info("loading %s (%s) ...", alias, backend.name)
-                await backend.load()
-            except (APIError, engine_errors.EngineError) as exc:  # the configuration's mistake: one line
-                err = to_api_error(exc)
-                self.errors[alias] = err.message
-                log.error("loading %s failed: %s", alias, err.message)
-                raise err
-            except Exception as exc:
-                self.errors[alias] = f"{type(exc).__name__}: {exc}"
-                if isinstance(exc, FileNotFoundError):  # model files missing: the reason says it all
-                    log.error("loading %s failed: %s", alias, self.errors[alias])
-                else:  # the engine itself failed: its stack trace helps
-                    log.exception("loading %s failed: %s", alias, self.errors[alias])
-                raise EngineError(f"Loading model {alias!r} failed: {self.errors[alias]}") from exc
-            finally:
-                self._loading.pop(alias, None)
-            seconds = time.perf_counter() - started
-            MODEL_LOAD_SECONDS.labels(model=alias).observe(seconds)
-            gpu_now = gpu_bytes()
-            self._memory[alias] = {"rss_bytes": max(0, rss_bytes() - rss),
-                                   "gpu_bytes": None if gpu is None or gpu_now is None else max(0, gpu_now - gpu)}
-            self.errors.pop(alias, None)
-            self.loaded[alias] = backend
-            self._measured[alias] = max(0, self._memory[alias]["rss_bytes"] or 0)
-            self._loaded_at[alias] = time.time()
-            self._last_used[alias] = time.monotonic()
-            waited = self._waiting[alias]
-            log.info("loaded %s (%s) in %.1f s, memory +%s RSS, GPU +%s%s", alias, backend.name, seconds,
-                     mib(self._memory[alias]["rss_bytes"]), mib(self._memory[alias]["gpu_bytes"]),
-                     f"; {waited} request(s) waited for it" if waited else "")
-            return backend.describe()
+        while True:
+            unloading = self._unloading.get(alias)
+            if unloading is not None:  # its unload is draining: load it again once that is over
+                await unloading.wait()
+                continue
+            async with self._lock:
+                if alias in self.loaded and self.loaded[alias].failure() is None:
+                    return self.loaded[alias].describe()
+                if alias in self.loaded:  # its engine died: what is left is shut down, then a fresh load
+                    log.warning("reloading %s: %s", alias, self.loaded[alias].failure())
+                    await self._drop(alias, self.loaded.pop(alias), "engine failed")
+                drain = await self._make_room(alias)
+                if drain is None:
+                    return await self._start(alias, cfg)
+            # room is held by a model still draining: wait for its engine to go, without the lock
+            # (its unload takes the lock to drop it), then look again
+            log.info("loading %s waits for the unload of %s to end (%s)", alias, drain[0], drain[2])
+            await drain[1].wait()
+
+    async def _start(self, alias: str, cfg: ModelConfig) -> dict[str, Any]:
+        """Starts ``alias``'s engine, the lock held and room made."""
+        self._loading[alias] = time.time()
+        started = time.perf_counter()
+        rss, gpu = rss_bytes(), gpu_bytes()
+        try:
+            backend = make_backend(alias, cfg)
+            log.info("loading %s (%s) ...", alias, backend.name)
+            await backend.load()
+        except (APIError, engine_errors.EngineError) as exc:  # the configuration's mistake: one line
+            err = to_api_error(exc)
+            self.errors[alias] = err.message
+            log.error("loading %s failed: %s", alias, err.message)
+            raise err
+        except Exception as exc:
+            self.errors[alias] = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, FileNotFoundError):  # model files missing: the reason says it all
+                log.error("loading %s failed: %s", alias, self.errors[alias])
+            else:  # the engine itself failed: its stack trace helps
+                log.exception("loading %s failed: %s", alias, self.errors[alias])
+            raise EngineError(f"Loading model {alias!r} failed: {self.errors[alias]}") from exc
+        finally:
+            self._loading.pop(alias, None)
+        seconds = time.perf_counter() - started
+        MODEL_LOAD_SECONDS.labels(model=alias).observe(seconds)
+        gpu_now = gpu_bytes()
+        self._memory[alias] = {"rss_bytes": max(0, rss_bytes() - rss),
+                               "gpu_bytes": None if gpu is None or gpu_now is None else max(0, gpu_now - gpu)}
+        self.errors.pop(alias, None)
+        self.loaded[alias] = backend
+        self._measured[alias] = max(0, self._memory[alias]["rss_bytes"] or 0)
+        self._loaded_at[alias] = time.time()
+        self._last_used[alias] = time.monotonic()
+        waited = self._waiting[alias]
+        log.info("loaded %s (%s) in %.1f s, memory +%s RSS, GPU +%s%s", alias, backend.name, seconds,
+                 mib(self._memory[alias]["rss_bytes"]), mib(self._memory[alias]["gpu_bytes"]),
+                 f"; {waited} request(s) waited for it" if waited else "")
+        return backend.describe()
 
     async def unload(self, alias: str, drain_timeout: float | None = None, reason: str = "requested",
                      only_if_idle: bool = False) -> bool:
@@ -258,28 +262,42 @@ class ModelManager:
                                  *(self.unload(a, reason="server shutting down") for a in list(self.loaded)),
                                  return_exceptions=True)
 
-    async def _make_room(self, alias: str) -> None:
-        """Unloads least recently used idle models while the loaded-model limit is reached or
-        the memory budget would be passed; refuses the load when that cannot make room."""
+    async def _make_room(self, alias: str) -> tuple[str, asyncio.Event, str] | None:
+        """Makes room for ``alias`` (the lock held): None once the loaded-model limit and the memory
+        budget leave room, unloading least recently used idle models for it; or (alias, event, why)
+        of a model still draining that holds the room, to wait for (the lock released) before
+        looking again: it gives its engine up within limits.drain_timeout, and waiting for it spares
+        a model someone else may still want from eviction. Refuses the load when neither can
+        make room."""
         limits = self.settings.limits
-        while len(self.loaded) >= limits.max_loaded_models:
-            await self._evict_one(alias, f"limits.max_loaded_models is {limits.max_loaded_models}",
-                                  f"{limits.max_loaded_models} models are loaded (limits.max_loaded_models) and all "
-                                  "are busy", "too_many_models")
+        while len(self.loaded) + len(self._unloading) >= limits.max_loaded_models:
+            why = f"limits.max_loaded_models is {limits.max_loaded_models}"
+            if self._unloading:
+                return self._a_drain(why)
+            await self._evict_one(alias, why, f"{limits.max_loaded_models} models are loaded "
+                                  "(limits.max_loaded_models) and all are busy", "too_many_models")
         budget = limits.memory_budget_bytes
         if budget is None:
-            return
+            return None
         need = self._expected_memory(alias)
         while rss_bytes() + need > budget:
+            why = f"the memory budget is {mib(budget)}"
+            if self._unloading:
+                return self._a_drain(why)
             if not self.loaded:
                 raise APIError(f"Loading {alias!r} needs about {mib(need)} but the memory budget is {mib(budget)} "
                                f"(limits.memory_budget_bytes) and {mib(rss_bytes())} is in use with no model loaded; "
                                "raise the budget or pick a smaller model.", status=507, type="server_error",
                                code="memory_budget")
-            await self._evict_one(alias, f"the memory budget is {mib(budget)}",
+            await self._evict_one(alias, why,
                                   f"Loading {alias!r} needs about {mib(need)} beyond the {mib(rss_bytes())} in use, "
                                   f"over the memory budget of {mib(budget)} (limits.memory_budget_bytes), and every "
                                   "loaded model is busy", "memory_budget", status=507)
+        return None
+
+    def _a_drain(self, why: str) -> tuple[str, asyncio.Event, str]:
+        draining, done = next(iter(self._unloading.items()))
+        return draining, done, why
 
     def _expected_memory(self, alias: str) -> int:
         """What loading ``alias`` took last time in this process, else its files' size."""
@@ -297,8 +315,10 @@ class ModelManager:
 
     # -- serving ------------------------------------------------------------------------
     @asynccontextmanager
-    async def use(self, alias: str, capability: str) -> AsyncIterator[Backend]:
-        """The loaded backend for ``alias``, checked for ``capability``, counted as busy."""
+    async def use(self, alias: str, capability: str, sequences: int = 1) -> AsyncIterator[Backend]:
+        """The loaded backend for ``alias``, checked for ``capability``, counted as busy: one request
+        of ``sequences`` sequences (a request's ``n`` choices), which is what max_pending counts, as
+        each is a sequence the engine decodes."""
         cfg = self.config(alias)
         backend = self.loaded.get(alias)
         if backend is None:
@@ -337,13 +357,20 @@ class ModelManager:
                 code="unsupported_capability",
             )
         limit = cfg.pending_limit()
-        if self._in_flight[alias] >= limit:
-            raise Overloaded(f"Model {alias!r} has {limit} requests running or queued, its limit (max_pending); "
-                             "retry shortly.")
+        if sequences > limit:  # never admitted, however long the client waits: not a 429
+            raise InvalidRequest(f"This request asks for {sequences} sequences (n) but model {alias!r} runs or queues "
+                                 f"at most {limit} at once (max_pending); ask for fewer.", param="n",
+                                 code="n_over_max_pending")
+        running = self._sequences[alias]
+        if running + sequences > limit:
+            raise Overloaded(f"Model {alias!r} has {running} sequences running or queued; {sequences} more would pass "
+                             f"its limit of {limit} (max_pending); retry shortly.")
         self._in_flight[alias] += 1
+        self._sequences[alias] += sequences
         self._last_used[alias] = time.monotonic()
         try:
             yield backend
         finally:
             self._in_flight[alias] -= 1
+            self._sequences[alias] -= sequences
             self._last_used[alias] = time.monotonic()  # idle time counts from the end of the last request

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from llmserve import manager as manager_mod
+from llmserve import config as config_mod, manager as manager_mod
 from backends.base import CHAT, COMPLETION, Backend, Delta
 from llmserve.config import ConfigError, ModelConfig, load_settings
 from llmserve.errors import EngineNotInstalled, InvalidRequest, ModelNotFound
-from llmserve.manager import ModelManager, choose_backend, make_backend
+from llmserve.manager import ModelManager, make_backend
 
 ROOT_CONFIG = Path(__file__).resolve().parent.parent / "configuration.yaml"
 
@@ -87,12 +88,39 @@ def test_backend_choice(monkeypatch):
     gguf = ModelConfig(source="models/x.Q4_0.gguf")
     hf = ModelConfig(source="meta-llama/Meta-Llama-3-8B-Instruct")
     forced = ModelConfig(source="meta-llama/Meta-Llama-3-8B-Instruct", backend="transformers")
-    assert choose_backend(gguf) == "llamacpp"
-    assert choose_backend(forced) == "transformers"
-    monkeypatch.setattr(manager_mod, "engine_installed", lambda name: name == "vllm")
-    assert choose_backend(hf) == "vllm"
-    monkeypatch.setattr(manager_mod, "engine_installed", lambda name: False)
-    assert choose_backend(hf) == "transformers"
+    assert gguf.chosen_backend() == "llamacpp"
+    assert forced.chosen_backend() == "transformers"
+    monkeypatch.setattr(config_mod, "engine_installed", lambda name: name == "vllm")
+    assert hf.chosen_backend() == "vllm"
+    monkeypatch.setattr(config_mod, "engine_installed", lambda name: False)
+    assert hf.chosen_backend() == "transformers"
+
+
+def test_without_vllm_the_pending_limit_and_gpus_follow_the_engine_the_manager_loads(tmp_path, monkeypatch):
+    """A Hugging Face alias with no `backend:` on a host where vLLM cannot be imported runs on
+    Transformers: its pending limit is 8x Transformers' batch, not 8x vLLM's max_num_seqs, and the
+    service declares no GPU for the tensor-parallel vLLM arguments it will not use."""
+    s = load_settings(write(tmp_path, """
+        default_model: hf
+        models:
+          hf:
+            source: some/model
+            preload: true
+            vllm: {tensor_parallel_size: 2}
+            transformers: {max_batch: 4}
+    """))
+    cfg = s.models["hf"]
+    real = importlib.util.find_spec  # vLLM made un-importable, for every check that asks
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] == "vllm" else real(name, *a))
+    loads = make_backend("hf", cfg)  # what the manager would load
+    assert loads.name == "transformers" and ModelManager(s).list_models()[0]["backend"] == "transformers"
+    assert cfg.pending_limit() == 8 * 4, "the pending limit of an engine that does not run"
+    assert cfg.concurrency() == 4 and s.concurrency() == 4
+    assert s.service_resources() == {}, "a GPU declared for a vLLM that is not installed"
+    monkeypatch.setattr(importlib.util, "find_spec", real)  # with vLLM: tensor parallel 2 on vLLM
+    assert make_backend("hf", cfg).name == "vllm"
+    assert s.service_resources() == {"gpu": 2} and cfg.pending_limit() == 8 * cfg.vllm.concurrency
 
 
 def test_missing_engine_is_named_with_how_to_install(monkeypatch):

@@ -90,6 +90,49 @@ def test_a_request_for_an_alias_being_unloaded_waits_for_the_unload_and_loads_it
     assert log.rindex("unloaded smollm2") < log.rindex("loading smollm2"), "the load must wait for the unload"
 
 
+def test_a_load_waits_for_a_draining_model_to_give_its_engine_up_before_passing_max_loaded_models(races):
+    """max_loaded_models 1: smollm2-hf (Transformers) is unloaded while it streams, so it drains
+    (for up to 20 s), its engine still holding its memory. A request for minilm meanwhile waits
+    until that engine is gone before minilm loads; /models shows smollm2-hf unloading, not loaded."""
+    admin, draining = client(races), "smollm2-hf"
+    assert admin.post(f"/models/{draining}/load").status_code == 200
+    stop, chunks = threading.Event(), [0]
+
+    def stream():  # leaves once told to: the server sees the client go, so the drain ends
+        with client(races).stream("POST", "/v1/chat/completions", json={
+                **CHAT, "model": draining, "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
+            for _ in r.iter_lines():
+                chunks[0] += 1
+                if stop.is_set():
+                    break
+
+    row = lambda alias: admin.get(f"/models/{alias}").json()  # noqa: E731
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        wait_for(lambda: row(draining).get("running_requests"), "the stream never started")
+        with cf.ThreadPoolExecutor(2) as pool:
+            unloading = pool.submit(admin.post, f"/models/{draining}/unload")
+            wait_for(lambda: not row(draining)["loaded"], "the unload never started", bound=10)
+            embed = pool.submit(admin.post, "/v1/embeddings", json={"model": "minilm", "input": "a cat"})
+            waits = f"loading minilm waits for the unload of {draining}"
+            wait_for(lambda: waits in LOG.read_text() or embed.done(), "minilm's load never looked for room")
+            assert not embed.done(), f"minilm loaded beside {draining}'s draining engine: {embed.result().status_code}"
+            shown = row(draining)
+            assert shown["unloading"] and not shown["loaded"] and shown["in_use"] == 1, shown
+            assert not row("minilm")["loaded"] and not row("minilm")["loading"]
+            assert not unloading.done() and chunks[0] > 0
+            stop.set()  # the stream ends, so does the drain; then minilm loads
+            assert embed.result(timeout=BOUND).status_code == 200, embed.result().text
+            assert unloading.result(timeout=BOUND).json()["was_loaded"] is True
+    finally:
+        stop.set()
+        streaming.join(timeout=BOUND)
+    log = LOG.read_text()
+    assert log.rindex(f"unloaded {draining}") < log.rindex("loading minilm ("), f"minilm loaded beside {draining}"
+    assert loaded(races) == ["minilm"] and not row(draining)["unloading"]
+
+
 def test_on_demand_loading_can_be_restricted_to_admin_keys(races):
     admin, inference = client(races), client(races, INFERENCE)
     admin.post("/models/minilm/unload")
