@@ -1,12 +1,11 @@
-"""Tool calling in the model's own format: the parsers alone, the grammars each engine gets,
-rendering through the chat template, and chat round trips on the tool-aware aliases of all
-three engines (SmolLM2 with the Hermes template on llama.cpp and vLLM, the Llama 3.1 JSON
-template on Transformers), streamed and not, through the official openai client."""
+"""Tool calling in the model's own format: the grammars each engine gets, rendering through the
+chat template, and chat round trips on the tool-aware aliases of all three engines (SmolLM2 with
+the Hermes template on llama.cpp and vLLM, the Llama 3.1 JSON template on Transformers), streamed
+and not, through the official openai client. The parser alone: tests/test_tool_parsing.py."""
 
 from __future__ import annotations
 
 import json
-import random
 
 import httpx
 import jsonschema
@@ -16,100 +15,11 @@ from backends.grammar import CallGrammar, gbnf, structural_tag
 from llmserve.schemas import ChatCompletionRequest
 from llmserve.tools import ChatTools, template_text
 from llmserve.tools.formats import FORMATS, detect
-from llmserve.tools.parser import Arguments, CallParser, CallStart, Content, parse_whole
 from tests.test_api_features import WEATHER  # get_weather(city), city at most 20 characters
 from tests.test_errors import assert_openai_error
 
 TIME = {"type": "function", "function": {"name": "get_time", "description": "The current time in a city",
                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
-CALL_ARGS = '{"city": "Par\\"is {x}", "n": [1, 2]}'
-# each format's way of writing a preamble, two calls and nothing after
-ANSWERS = {
-    "hermes": 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + CALL_ARGS
-              + '}\n</tool_call>\n<tool_call>\n{"arguments": {}, "name": "get_time"}\n</tool_call>\n',
-    "llama3_json": 'Let me check. {"name": "get_weather", "parameters": ' + CALL_ARGS
-                   + '}; {"name": "get_time", "parameters": {}}',
-    "mistral": 'Let me check.[TOOL_CALLS][{"name": "get_weather", "arguments": ' + CALL_ARGS
-               + '}, {"name": "get_time", "arguments": {}}]',
-    "json": 'Let me check.\n{"name": "get_weather", "arguments": ' + CALL_ARGS + '}\n{"name": "get_time"}',
-}
-
-
-def stream_events(fmt: str, text: str, cuts: list[int], parallel: bool = True) -> list:
-    parser = CallParser(FORMATS[fmt].syntax, parallel)
-    events, at = [], 0
-    for cut in [*cuts, len(text)]:
-        events += parser.feed(text[at:cut])
-        at = cut
-    return events + parser.finish()
-
-
-def reassemble(events) -> tuple[str, list[list[str]]]:
-    content, calls = "", []
-    for e in events:
-        if isinstance(e, Content):
-            content += e.text
-        elif isinstance(e, CallStart):
-            assert e.index == len(calls) and e.id.startswith("call_")
-            calls.append([e.name, ""])
-        else:
-            calls[e.index][1] += e.text
-    return content, calls
-
-
-# -- the parsers alone -----------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", sorted(ANSWERS))
-def test_each_format_reads_its_calls_and_keeps_the_preamble_as_content(fmt):
-    content, calls = parse_whole(FORMATS[fmt].syntax, ANSWERS[fmt])
-    assert content == "Let me check."
-    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
-        ("get_weather", CALL_ARGS), ("get_time", "{}")]
-    assert len({c["id"] for c in calls}) == 2
-
-
-@pytest.mark.parametrize("fmt", sorted(ANSWERS))
-def test_streamed_fragments_joined_equal_the_whole_answer_however_the_text_is_cut(fmt):
-    text = ANSWERS[fmt]
-    content, calls = parse_whole(FORMATS[fmt].syntax, text)
-    rng = random.Random(fmt)
-    for _ in range(50):
-        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 30)))
-        got = reassemble(stream_events(fmt, text, cuts))
-        assert got == (content, [[c["function"]["name"], c["function"]["arguments"]] for c in calls])
-    one_char = stream_events(fmt, text, list(range(1, len(text))))
-    # id and name come first, then the arguments in fragments as they are written
-    first_call = next(i for i, e in enumerate(one_char) if isinstance(e, CallStart))
-    assert sum(isinstance(e, Arguments) and e.index == 0 for e in one_char[first_call:]) > 5
-
-
-def test_a_partial_marker_is_held_only_until_it_is_told_apart():
-    parser = CallParser(FORMATS["hermes"].syntax)
-    assert reassemble(parser.feed("Hello <tool")) == ("Hello", [])  # "<tool" may open a call
-    assert reassemble(parser.feed("box> here")) == (" <toolbox> here", [])  # it did not
-    assert reassemble(parser.feed(" <tool_call>")) == ("", [])
-    assert reassemble(parser.feed('{"name": "f"')) == ("", [["f", ""]])  # the name as soon as it is whole
-    json_parser = CallParser(FORMATS["json"].syntax)
-    assert reassemble(json_parser.feed("a set {1, 2")) == ("a set {1, 2", [])
-    assert reassemble(json_parser.feed(" and {")) == (" and", [])
-    assert reassemble(json_parser.feed("} too") + json_parser.finish()) == (" {} too", [])
-
-
-def test_text_after_a_call_is_content_too():
-    text = 'Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\nDone.'
-    content, calls = parse_whole(FORMATS["hermes"].syntax, text)
-    assert content == "Sure.\nDone." and calls[0]["function"]["arguments"] == '{"a": 1}'
-
-
-def test_parallel_tool_calls_false_keeps_only_the_first_call():
-    content, calls = parse_whole(FORMATS["hermes"].syntax, ANSWERS["hermes"], parallel=False)
-    assert [c["function"]["name"] for c in calls] == ["get_weather"]
-    assert reassemble(stream_events("hermes", ANSWERS["hermes"], [7, 40], parallel=False))[1] == [
-        ["get_weather", CALL_ARGS]]
-
-
-def test_arguments_that_do_not_parse_leave_the_whole_answer_as_content():
-    cut_off = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'
-    assert parse_whole(FORMATS["hermes"].syntax, cut_off) == (cut_off, [])
 
 
 # -- grammars -----------------------------------------------------------------------------------
@@ -214,6 +124,50 @@ async def test_a_template_that_forbids_a_system_role_still_renders_a_tools_reque
     assert text.startswith("<|im_start|>user\nYou can call these functions:") and "Weather in Rome?" in text
 
 
+TEMPLATES = {"json": None,  # SmolLM2's own, which knows no tools (and no developer role)
+             "hermes": "llmserve/tools/templates/hermes.jinja",
+             "llama3_json": "llmserve/tools/templates/llama3_json.jinja"}
+
+
+@pytest.mark.parametrize("with_tools", [False, True], ids=["no-tools", "tools"])
+@pytest.mark.parametrize("parser", sorted(TEMPLATES))
+async def test_a_developer_message_reaches_the_template_as_the_system_message(gguf_backend, parser, with_tools):
+    from llmserve.config import load_settings
+
+    config = load_settings().models["smollm2-tools"].model_copy(
+        update={"chat_template": TEMPLATES[parser], "tool_parser": parser})
+    req = ChatCompletionRequest(messages=[{"role": "developer", "content": "Answer in French."},
+                                          {"role": "user", "content": "Weather in Rome?"}],
+                                tools=[WEATHER] if with_tools else None)
+    text = _rendered(gguf_backend, await ChatTools(req, config).encode(gguf_backend))
+    assert "developer" not in text
+    first_turn = text.split("<|im_end|>")[0]
+    assert first_turn.startswith("<|im_start|>system\n") and "Answer in French." in first_turn  # not a default's
+    assert text.count("<|im_start|>system") == 1
+
+
+# a template that writes the participant's name, as Hugging Face templates that know it do
+# (llama.cpp's renderer trims the newline after a block tag: the newlines are expressions)
+NAMED = ("{% for m in messages %}{{ '<|im_start|>' + m.role }}{% if m.name %}{{ ' name=' + m.name }}{% endif %}"
+         "{{ '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+
+
+@pytest.mark.parametrize("parser", ["json", "hermes"])  # the generic format's rendering, the native formats'
+async def test_the_participant_name_of_a_message_reaches_the_template(gguf_backend, parser):
+    from llmserve.config import load_settings
+
+    config = load_settings().models["smollm2-tools"].model_copy(update={"chat_template": NAMED, "tool_parser": parser})
+    req = ChatCompletionRequest(messages=[{"role": "system", "content": "Be brief.", "name": "ops"},
+                                          {"role": "user", "content": "Hi", "name": "alice"},
+                                          {"role": "assistant", "content": "Hello", "name": "bot"},
+                                          {"role": "user", "content": "Bye"}], tools=[WEATHER])
+    text = _rendered(gguf_backend, await ChatTools(req, config).encode(gguf_backend))
+    assert "<|im_start|>system name=ops\nBe brief." in text
+    assert "<|im_start|>user name=alice\nHi<|im_end|>" in text
+    assert "<|im_start|>assistant name=bot\nHello<|im_end|>" in text
+    assert "<|im_start|>user\nBye<|im_end|>" in text  # no name, none written
+
+
 # -- round trips on the three engines ----------------------------------------------------------
 TOOL_ALIASES = ["smollm2-tools", "smollm2-hf-tools", "smollm2-vllm-tools"]  # llama.cpp, Transformers, vLLM
 
@@ -295,6 +249,25 @@ def test_streamed_call_deltas_reassemble_to_the_unstreamed_call_byte_for_byte(oa
     # the arguments came in pieces, not whole: one a token on llama.cpp and Transformers; vLLM
     # merges the deltas of steps that a busy server has not read yet, so fewer there
     assert fragments[0] > (1 if alias == "smollm2-vllm-tools" else 3)
+
+
+TOM = {"name": "Tom", "species": "cat"}
+TOM_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": {
+    "type": "object", "properties": {"name": {"const": "Tom"}, "species": {"const": "cat"}},
+    "required": ["name", "species"], "additionalProperties": False}}}
+
+
+# the formats whose calls are bare JSON objects, on Transformers: the generic one (SmolLM2's own
+# template) and Llama 3.1 JSON; response_format makes the reply {"name": "Tom", "species": "cat"}
+@pytest.mark.parametrize("bare_alias", ["smollm2-hf", "smollm2-hf-tools"])
+def test_a_json_reply_that_names_no_declared_tool_stays_content_streamed_and_not(oai, bare_alias):
+    body = dict(model=bare_alias, messages=[{"role": "user", "content": "Describe my cat Tom as JSON."}],
+                tools=[WEATHER, TIME], response_format=TOM_FORMAT, max_tokens=40, temperature=0)
+    whole = oai.chat.completions.create(**body).choices[0]
+    assert whole.finish_reason == "stop" and not whole.message.tool_calls, whole.message
+    assert json.loads(whole.message.content) == TOM
+    content, calls, finish, _ = streamed(oai, **body)
+    assert (content, calls, finish) == (whole.message.content, [], "stop")
 
 
 def test_tool_choice_none_never_calls_even_after_examples_of_calls(oai, alias):

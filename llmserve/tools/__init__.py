@@ -64,6 +64,7 @@ class ChatTools:
         check_tools(req)
         self.req = req
         self.tools = active(req)
+        self.names = frozenset(t.function.name for t in self.tools)  # what a bare JSON call may name
         self.template = template_text(config.chat_template) if config else None
         self.parser_name = config.tool_parser if config else None
         self.format: ToolFormat = FORMATS["json"]
@@ -80,7 +81,7 @@ class ChatTools:
             if not (self.tools and messages[0]["role"] == "system" and len(messages) > 1
                     and messages[1]["role"] == "user"):
                 raise
-            first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            first = {**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
             return await self._encode(backend, [first, *messages[2:]], tools)
 
     async def _encode(self, backend, messages, tools):
@@ -93,10 +94,10 @@ class ChatTools:
 
     def parser(self) -> Optional[CallParser]:
         """A stream's parser; None when no call can come (no tools, tool_choice "none")."""
-        return CallParser(self.format.syntax, self.req.parallel_tool_calls) if self.tools else None
+        return CallParser(self.format.syntax, self.req.parallel_tool_calls, self.names) if self.tools else None
 
     def parse(self, text: str) -> tuple[Optional[str], list[dict]]:
         """(content, tool_calls) of a whole answer."""
         if not self.tools:
             return text, []
-        return parse_whole(self.format.syntax, text, self.req.parallel_tool_calls)
+        return parse_whole(self.format.syntax, text, self.req.parallel_tool_calls, self.names)

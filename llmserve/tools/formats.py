@@ -4,12 +4,17 @@ builds the grammar for tool_choice "required" / a named function, and parses the
 - ``hermes``: Hermes / Qwen, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   (vLLM's ``hermes`` parser, llama.cpp's Hermes 2 Pro format).
 - ``llama3_json``: Llama 3.1 / 3.2 JSON calls, ``{"name": ..., "parameters": {...}}``, several
-  joined by ``;`` (vLLM's ``llama3_json``).
+  joined by ``;``, opening the reply (after ``<|python_tag|>`` or not; vLLM's ``llama3_json``).
 - ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` (vLLM's ``mistral``,
   the v3 tokenizer's form).
 - ``json``: for chat templates that know no tools (the shipped SmolLM2): the tools are
-  described in a system message, a call is a bare ``{"name": ..., "arguments": {...}}`` object,
-  earlier calls and tool results are written as plain assistant / user turns.
+  described in a system message, a call is a bare ``{"name": ..., "arguments": {...}}`` object
+  that opens the reply, earlier calls and tool results are written as plain assistant / user
+  turns.
+
+The two bare formats have no call marker: an object there is a call only where the reply
+begins (or right after another call) and only when it names one of the request's functions;
+any other JSON in a reply is content.
 """
 
 from __future__ import annotations
@@ -35,11 +40,11 @@ class ToolFormat:
     def render(self, req: ChatCompletionRequest, tools: list[Tool]) -> tuple[list[dict], Optional[list[dict]]]:
         """The messages and tools= the chat template gets, in the shape Hugging Face
         templates expect (assistant ``tool_calls`` with arguments as objects, ``role: tool``
-        messages with ``tool_call_id`` and the function's ``name``)."""
+        messages with ``tool_call_id`` and the function's ``name``, a participant's ``name``
+        on the others, developer messages as system ones)."""
         messages = []
         for i, m in enumerate(req.messages):
-            role = "system" if m.role == "developer" else m.role
-            message: dict[str, Any] = {"role": role, "content": m.text()}
+            message: dict[str, Any] = {"role": template_role(m.role), "content": m.text(), **participant(m)}
             if m.tool_calls:
                 message["tool_calls"] = [
                     {"id": c.id, "type": "function",
@@ -83,8 +88,8 @@ class Hermes(ToolFormat):
 class Llama3Json(ToolFormat):
     name = "llama3_json"
     args_key = "parameters"
-    # vLLM's parser takes "arguments" too
-    syntax = Syntax("", None, 0, ("parameters", "arguments"), separator=";")
+    # vLLM's parser takes "arguments" too, and a reply that opens with <|python_tag|>
+    syntax = Syntax("", None, 0, ("parameters", "arguments"), separator=";", lead="<|python_tag|>")
     separator = "; "
 
 
@@ -117,16 +122,17 @@ class GenericJson(ToolFormat):
                           "arguments": arguments(c.function.arguments, f"messages.{i}.tool_calls.{k}")}
                          for k, c in enumerate(m.tool_calls)]
                 text = "\n".join(json.dumps(c) for c in calls)
-                messages.append({"role": "assistant", "content": (m.text() + "\n" + text) if m.text() else text})
+                messages.append({"role": "assistant", "content": (m.text() + "\n" + text) if m.text() else text,
+                                 **participant(m)})
             else:
-                messages.append({"role": m.role, "content": m.text()})
+                messages.append({"role": template_role(m.role), "content": m.text(), **participant(m)})
         for m in messages:
             m.pop("tool_results", None)
         if tools:
             functions = "\n".join(json.dumps(t.function.model_dump(exclude_none=True)) for t in tools)
             prompt = self.PROMPT.format(functions=functions)
-            if messages[0]["role"] in ("system", "developer"):
-                messages[0] = {"role": messages[0]["role"], "content": messages[0]["content"] + "\n\n" + prompt}
+            if messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + prompt}
             else:
                 messages.insert(0, {"role": "system", "content": prompt})
         return messages, None
@@ -148,6 +154,17 @@ def detect(template: Optional[str]) -> ToolFormat:
     if "<|python_tag|>" in t or '"parameters"' in t or "ipython" in t:
         return FORMATS["llama3_json"]
     return FORMATS["json"]
+
+
+def template_role(role: str) -> str:
+    """OpenAI's developer role is the system role to a chat template (templates know no other)."""
+    return "system" if role == "developer" else role
+
+
+def participant(m) -> dict[str, str]:
+    """A message's participant ``name`` for the template (Hugging Face templates that know it
+    read ``message.name``, vLLM passes it on); a tool message's name is the called function's."""
+    return {"name": m.name} if m.name and m.role != "tool" else {}
 
 
 def arguments(text: str, where: str) -> Any:

@@ -5,10 +5,16 @@ both paths: a stream feeds it each delta and sends what comes out at once, a who
 fed in one piece. So the arguments a stream sends in fragments join to exactly the arguments
 of the same answer unstreamed.
 
-Content passes through as it comes. Only two things wait: text that may be the beginning of
-a call marker (until it is told apart), and whitespace (until text follows it: whitespace
-just before a call or at the end is dropped, as peers trim it). Inside a call the name is sent
-when it is complete, then the arguments as the model writes them, character for character.
+Content passes through as it comes. Only three things wait: text that may be the beginning
+of a call marker (until it is told apart); in a format without a marker, a JSON object where a
+call may start (the reply's beginning, or right after a call, as vLLM's llama3_json parser
+reads them) until its name says whether it is one of the request's functions; and whitespace
+(until text follows it: whitespace just before a call, or at the end of an answer that made
+one, is dropped, as peers trim it). Inside a call the name is sent when it is complete, then
+the arguments as the model writes them, character for character. Text that waited and turns
+out to be no call (a call region without one, an object naming no declared function, an
+answer cut off before a name was whole) comes out as content, as it was written: an answer
+that makes no call streams exactly its text.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Collection, Optional, Union
 
 WS = " \t\r\n"
 
@@ -26,10 +32,10 @@ class Syntax:
     """How one format writes calls.
 
     ``start``: the literal that opens a call region (consumed), or "" when a call is a bare JSON
-    object that opens with ``{"name"``. ``end``: the literal that closes a region (Hermes'
-    ``</tool_call>``); None when the region closes with its JSON value. ``call_depth``: the JSON
-    depth at which call objects open (1 inside Mistral's list). ``args_keys``: the key that
-    holds the arguments.
+    object that opens with ``{"name"`` at the start of the reply or right after another call.
+    ``end``: the literal that closes a region (Hermes' ``</tool_call>``); None when the region
+    closes with its JSON value. ``call_depth``: the JSON depth at which call objects open (1
+    inside Mistral's list). ``args_keys``: the key that holds the arguments.
     """
 
     start: str
@@ -37,6 +43,7 @@ class Syntax:
     call_depth: int
     args_keys: tuple[str, ...]
     separator: str = ""  # one character between bare JSON calls (Llama 3's ";"): dropped
+    lead: str = ""  # bare calls: a literal the first may follow (Llama 3's "<|python_tag|>"): dropped
 
 
 @dataclass
@@ -66,6 +73,7 @@ class _Call:
     name_raw: str = ""
     name: Optional[str] = None
     held_args: list[str] = field(default_factory=list)  # arguments written before the name
+    args_string: str = ""  # arguments written as a JSON string: its text, until it closes
     args_seen: bool = False
     index: int = -1  # the index sent to the client; -1 while not started (or dropped)
 
@@ -75,14 +83,22 @@ _KEY, _IN_KEY, _COLON, _VALUE, _IN_VALUE, _AFTER_VALUE = range(6)
 
 class CallParser:
     """Content and calls out of one answer: ``feed`` each piece of text as it comes, ``finish``
-    at the end; both return the events to send (neighbours of one kind joined)."""
+    at the end; both return the events to send (neighbours of one kind joined).
 
-    def __init__(self, syntax: Syntax, parallel: bool = True):
+    ``names``: the request's functions (None: any name). In a format without a call marker a
+    JSON object is a call only when it names one of them; otherwise it is what the reply is
+    about (``{"name": "Tom", "species": "cat"}``). With a marker the model has said it calls.
+    """
+
+    def __init__(self, syntax: Syntax, parallel: bool = True, names: Optional[Collection[str]] = None):
         self.syntax = syntax
         self.parallel = parallel
+        self.names = None if names is None else frozenset(names)
         self.calls = 0  # calls started (sent)
         self._region = False
         self._after_call = False  # a region just ended (a separator may follow)
+        self._may_open = True  # bare calls: one may open here (the reply's start, or after a call)
+        self._raw: Optional[str] = None  # a region's text while no call in it is decided
         self._held = ""  # content mode: a possible marker start, or whitespace
         self._wrapper = ""  # region text outside call objects (where the end literal shows)
         self._depth = 0
@@ -101,9 +117,12 @@ class CallParser:
         return _merged(out)
 
     def finish(self) -> list[Event]:
-        """The end of the answer: a marker prefix that never completed is content after all."""
+        """The end of the answer: a marker prefix that never completed, or a region cut off
+        before its call was decided, is content after all."""
+        if self._region and self._raw is not None:
+            self._release()
         if not self._region:
-            self._content(self._held.rstrip(WS))
+            self._content(self._held.rstrip(WS) if self.calls else self._held)
         self._held = ""
         out, self._out = self._out, []
         return _merged(out)
@@ -113,21 +132,15 @@ class CallParser:
         """Sends content; returns the text that follows a call marker (for the region)."""
         buf = self._held + text
         self._held = ""
-        if self._after_call and self.syntax.separator:
-            rest = buf.lstrip(WS)
-            if not rest:
-                self._held = buf
-                return ""
-            self._after_call = False
-            if rest.startswith(self.syntax.separator):
-                buf = rest[len(self.syntax.separator):].lstrip(WS)
+        if not self.syntax.start:
+            return self._scan_bare(buf)
+        start = self.syntax.start
         cut, whole = self._find_marker(buf)
-        if whole:
-            self._content(buf[:cut].rstrip(WS))
-            self._enter_region()
-            return buf[cut + len(self.syntax.start):] if self.syntax.start else buf[cut:]
         body = buf[:cut].rstrip(WS)
         self._content(body)
+        if whole:
+            self._enter_region(buf[len(body):cut + len(start)])
+            return buf[cut + len(start):]
         self._held = buf[len(body):]
         return ""
 
@@ -135,43 +148,81 @@ class CallParser:
         """(where a marker or a possible marker starts, whether it is a whole one); len(buf)
         and False when nothing in ``buf`` can begin one."""
         start = self.syntax.start
-        if start:
-            at = buf.find(start)
-            if at >= 0:
-                return at, True
-            for k in range(min(len(start) - 1, len(buf)), 0, -1):
-                if start.startswith(buf[-k:]):
-                    return len(buf) - k, False
-            return len(buf), False
-        at = buf.find("{")
-        while at >= 0:
-            rest = buf[at + 1:].lstrip(WS)
-            if rest.startswith('"name"'):
-                return at, True
-            if '"name"'.startswith(rest):
-                return at, False
-            at = buf.find("{", at + 1)
+        at = buf.find(start)
+        if at >= 0:
+            return at, True
+        for k in range(min(len(start) - 1, len(buf)), 0, -1):
+            if start.startswith(buf[-k:]):
+                return len(buf) - k, False
         return len(buf), False
+
+    def _scan_bare(self, buf: str) -> str:
+        """Content of a format whose calls are bare JSON objects: one opens a call only where a
+        call may start (after whitespace, and the lead or separator literal); anywhere else
+        ``{"name": ...`` is text like any other."""
+        if not self._may_open:
+            body = buf.rstrip(WS)
+            self._content(body)
+            self._held = buf[len(body):]
+            return ""
+        literal = self.syntax.separator if self._after_call else self.syntax.lead
+        at = len(buf) - len(buf.lstrip(WS))
+        if literal and buf.startswith(literal, at):
+            at += len(literal)
+            at += len(buf[at:]) - len(buf[at:].lstrip(WS))
+        elif literal and literal.startswith(buf[at:]):
+            self._held = buf  # whitespace, or the literal's beginning
+            return ""
+        opens = _opens_call(buf[at:])
+        if opens is None:
+            self._held = buf
+            return ""
+        self._may_open = self._after_call = False
+        if not opens:
+            return buf  # text: content from here on
+        self._enter_region(buf[:at])
+        return buf[at:]
 
     def _content(self, text: str) -> None:
         if text:
             self._out.append(Content(text))
 
     # -- call regions -----------------------------------------------------------------------
-    def _enter_region(self) -> None:
+    def _enter_region(self, raw: str) -> None:
+        """``raw``: the text that opened it (whitespace before it, its marker), content again
+        if no call comes of it."""
         self._region, self._wrapper, self._depth, self._opened = True, "", 0, False
         self._in_str = self._esc = False
+        self._call = None
+        self._raw = raw
+
+    def _close_region(self) -> None:
+        if self._raw is not None:  # it ended without deciding a call
+            self._release()
+            return
+        self._region = False
+        self._after_call = self._may_open = True
+
+    def _release(self) -> None:
+        """The region is no call after all: its text so far is content, and what follows is."""
+        self._content(self._raw or "")
+        self._raw = None
+        self._region = self._may_open = self._after_call = False
         self._call = None
 
     def _scan_region(self, text: str) -> str:
         """Reads call objects; returns the text after the region's end (content again)."""
         syntax = self.syntax
         for pos, ch in enumerate(text):
+            if self._raw is not None:
+                self._raw += ch
             call = self._call
             if call is not None:
                 self._call_char(call, ch)
+                if not self._region:  # an object that is no call: the rest is text
+                    return text[pos + 1:]
                 if self._call is None and syntax.end is None and self._depth == 0:
-                    self._region, self._after_call = False, True
+                    self._close_region()
                     return text[pos + 1:]
                 continue
             # between call objects: wrappers, list brackets, separators
@@ -184,7 +235,8 @@ class CallParser:
                 self._call, self._state = _Call(), _KEY
                 continue
             if syntax.end is None and not self._opened and ch not in WS + "[":
-                self._region = False  # no JSON value after the marker: content after all
+                self._raw = self._raw[:-1]  # no JSON value after the marker: content after all
+                self._release()
                 return text[pos:]
             if ch in "{[":
                 self._depth += 1
@@ -195,12 +247,12 @@ class CallParser:
                 self._in_str = True
             if syntax.end is None:
                 if self._opened and self._depth == 0:
-                    self._region = False
+                    self._close_region()
                     return text[pos + 1:]
             else:
                 self._wrapper = (self._wrapper + ch)[-len(syntax.end):]
                 if self._wrapper == syntax.end:
-                    self._region = False
+                    self._close_region()
                     return text[pos + 1:]
         return ""
 
@@ -238,6 +290,8 @@ class CallParser:
         if state == _COLON:
             if ch == ":":
                 self._state = _VALUE
+            elif self._raw is not None and not self.syntax.start:
+                self._release()  # {"name" and then no JSON: text
             return
         # _VALUE: the first character of a value
         self._state = _IN_VALUE
@@ -277,21 +331,38 @@ class CallParser:
         if call.key == "name":
             call.name_raw += ch
         elif call.key in self.syntax.args_keys:
-            if call.index >= 0:
-                self._out.append(Arguments(call.index, ch))
+            if self._value_kind == '"':
+                call.args_string += ch
             else:
-                call.held_args.append(ch)
+                self._arguments(call, ch)
+
+    def _arguments(self, call: _Call, text: str) -> None:
+        if call.index >= 0:
+            self._out.append(Arguments(call.index, text))
+        else:
+            call.held_args.append(text)
 
     def _value_done(self, call: _Call) -> None:
         self._state = _AFTER_VALUE
+        if call.key in self.syntax.args_keys and self._value_kind == '"':
+            # "arguments": "{\"city\": ...}": the JSON inside the string, sent once it closes
+            # (vLLM's hermes parser decodes such a string too, streamed or not)
+            try:
+                self._arguments(call, json.loads(call.args_string, strict=False))
+            except ValueError:  # cannot be, the string closed; sent as written, the answer checks it
+                self._arguments(call, call.args_string)
         if call.key == "name" and call.name is None:
             try:
                 name = json.loads(call.name_raw)
             except ValueError:
                 name = None
-            if isinstance(name, str):
+            bare = not self.syntax.start
+            if isinstance(name, str) and (not bare or self.names is None or name in self.names):
                 call.name = name
+                self._raw = None  # decided: a call (sent, or dropped past the first when not parallel)
                 self._start(call)
+            elif bare:
+                self._release()  # no function of the request's: the object is text
 
     def _start(self, call: _Call) -> None:
         if self.calls and not self.parallel:
@@ -324,13 +395,27 @@ def _merged(events: list[Event]) -> list[Event]:
     return out
 
 
-def parse_whole(syntax: Syntax, text: str, parallel: bool = True) -> tuple[Optional[str], list[dict]]:
+def _opens_call(text: str) -> Optional[bool]:
+    """Whether ``text`` begins a bare call object (``{"name"``); None while it cannot tell."""
+    if not text:
+        return None
+    if text[0] != "{":
+        return False
+    rest = text[1:].lstrip(WS)
+    if rest.startswith('"name"'):
+        return True
+    return None if '"name"'.startswith(rest) else False
+
+
+def parse_whole(syntax: Syntax, text: str, parallel: bool = True,
+                names: Optional[Collection[str]] = None) -> tuple[Optional[str], list[dict]]:
     """(content, tool_calls) of a complete answer, by the same machine a stream runs through.
 
-    Calls whose arguments are not a JSON object leave the whole answer as content (so does
-    vLLM): a client never gets arguments that do not parse.
+    An answer without a call is its whole text. Calls whose arguments are not a JSON object
+    leave the whole answer as content (so does vLLM): a client never gets arguments that do
+    not parse.
     """
-    parser = CallParser(syntax, parallel)
+    parser = CallParser(syntax, parallel, names)
     events = parser.feed(text) + parser.finish()
     content = "".join(e.text for e in events if isinstance(e, Content))
     calls: dict[int, dict] = {}
@@ -339,6 +424,8 @@ def parse_whole(syntax: Syntax, text: str, parallel: bool = True) -> tuple[Optio
             calls[e.index] = {"id": e.id, "type": "function", "function": {"name": e.name, "arguments": ""}}
         elif isinstance(e, Arguments):
             calls[e.index]["function"]["arguments"] += e.text
+    if not calls:
+        return text, []
     for call in calls.values():
         try:
             ok = isinstance(json.loads(call["function"]["arguments"]), dict)
