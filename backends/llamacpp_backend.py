@@ -8,6 +8,10 @@ sequence with its own sampler chain. A finished or cancelled sequence frees its 
 once; a slot keeps its tokens in the KV cache so that the next prompt with the same prefix
 only prefills what differs (llama.cpp's ``cache_prompt``).
 
+A request asking for its prompt's logprobs (echo + logprobs) has the logits of every prompt
+position it prefills read back after the decode; the slot keeps those entries beside its cached
+tokens, so a later such request reuses the cached prefix only as far as its entries reach.
+
 Embedding aliases use llama-cpp-python's ``Llama.embed`` on the model's engine thread,
 with concurrent requests joined into one call (EmbeddingBatcher).
 """
@@ -22,7 +26,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
-from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, release_memory
+from .base import (CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, TokenLogprob,
+                   release_memory)
 from .convert import gguf_requantize
 from .grammar import gbnf
 from .errors import BadInput, NotInstalled
@@ -37,8 +42,8 @@ _POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "cls": "LLAMA_POOLING_TYPE_CLS", 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     # all in the slot's sampler chain; JSON schemas become llama.cpp grammars (GBNF)
-    features = frozenset({"seed", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                          "min_p", "logit_bias", "response_format", "tool_choice"})
+    features = frozenset({"seed", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty",
+                          "repetition_penalty", "min_p", "logit_bias", "response_format", "tool_choice"})
 
     llm = None  # embedding aliases: a Llama object
     model = None  # generation aliases: the model, and a Scheduler owning the context
@@ -234,6 +239,11 @@ class Slot:
     sampler: object = None
     detok: Optional[ByteDetokenizer] = None
     grammar: Optional[str] = None  # GBNF the output must follow
+    # prompt logprob entries of cached[:len(prompt_lp)] (None for the first token), each with the
+    # prompt_lp_k most likely tokens: what a request with prompt_logprobs gets of the cached
+    # prefix it does not decode again; while such a request prefills, its own growing list
+    prompt_lp: list[Optional[TokenLogprob]] = field(default_factory=list)
+    prompt_lp_k: int = 0
 
 
 class Scheduler(StepLoop):
@@ -298,9 +308,20 @@ class Scheduler(StepLoop):
                 if slot.request is request:
                     self._release(slot, forget_cache=True)
                 request.fail(exc)
+                continue
+            request.admitted()  # its time limits count from here, not from its wait in the queue
 
     def _start(self, slot: Slot, request: StepRequest) -> None:
-        keep = min(_common_prefix(slot.cached, request.prompt), len(request.prompt) - 1)
+        common = _common_prefix(slot.cached, request.prompt)
+        k = request.params.prompt_logprobs
+        if k is None:
+            keep = min(common, len(request.prompt) - 1)
+        else:
+            # the logits of a cached position are gone: keep only the prefix whose entries the slot
+            # holds (entry j needs tokens 0..j to match), and decode again from the last of them,
+            # whose logits give the next token's entry
+            usable = min(common, len(slot.prompt_lp)) if slot.prompt_lp_k >= k else 0
+            keep = max(0, usable - 1)
         if not self._trim(slot, keep, request):
             # a cache that cannot lose just its tail (sliding-window, recurrent models) is
             # emptied and the whole prompt prefilled, as llama.cpp's own server does
@@ -308,6 +329,11 @@ class Scheduler(StepLoop):
                      self._thread.name, slot.seq, len(request.prompt))
             self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
             keep = 0
+        if k is None:
+            slot.prompt_lp = slot.prompt_lp[:keep]  # the tokens from keep on change
+        else:
+            kept = [None] + [TokenLogprob(e.token, e.bytes, e.logprob, e.top[:k]) for e in slot.prompt_lp[1:keep + 1]]
+            slot.prompt_lp, slot.prompt_lp_k = kept, k
         slot.cached = request.prompt[:keep]
         slot.request, slot.prefilled, slot.next_token, slot.generated = request, keep, None, 0
         slot.detok = ByteDetokenizer()
@@ -332,6 +358,9 @@ class Scheduler(StepLoop):
     def _step(self) -> None:
         batch, b = self.batch.batch, 0
         sample_at: list[tuple[Slot, int]] = []
+        # (slot, batch index of its chunk's first token, the chunk's first position, end): the
+        # prompt chunks whose every position asked for logits (prompt_logprobs)
+        prompt_rows: list[tuple[Slot, int, int, int]] = []
 
         def add(token: int, pos: int, seq: int, logits: bool) -> None:
             nonlocal b
@@ -352,8 +381,11 @@ class Scheduler(StepLoop):
                 continue
             end = min(len(request.prompt), slot.prefilled + self.n_batch - b, slot.prefilled + prompt_budget)
             prompt_budget -= end - slot.prefilled
+            every = request.params.prompt_logprobs is not None
+            if every:
+                prompt_rows.append((slot, b, slot.prefilled, end))
             for pos in range(slot.prefilled, end):
-                add(request.prompt[pos], pos, slot.seq, pos == len(request.prompt) - 1)
+                add(request.prompt[pos], pos, slot.seq, every or pos == len(request.prompt) - 1)
             slot.cached.extend(request.prompt[slot.prefilled:end])
             slot.prefilled = end
             if end == len(request.prompt):
@@ -364,14 +396,68 @@ class Scheduler(StepLoop):
         rc = self.lib.llama_decode(self.ctx.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        for slot, index in sample_at:
+        sample_at = [(slot, slot.request, index) for slot, index in sample_at]
+        for slot, index, start, end in prompt_rows:
             request = slot.request
+            try:  # one request's prompt logprobs: a failure ends it alone
+                self._prompt_logprobs(slot, index, start, end)
+            except Exception as exc:
+                self._release(slot, forget_cache=True)
+                request.fail(exc)
+        for slot, request, index in sample_at:
+            if slot.request is not request:  # ended above
+                continue
             try:  # sampling and detokenizing one request: a failure ends it alone
                 self._sample(slot, index)
             except Exception as exc:
                 if slot.request is request:
                     self._release(slot, forget_cache=True)
                 request.fail(exc)
+
+    def _prompt_logprobs(self, slot: Slot, index: int, start: int, end: int) -> None:
+        """The entries of prompt tokens start+1 .. end (within the prompt) from the logits of
+        positions start .. end-1, decoded at batch indices index, index+1, ...: numpy over a few
+        rows at a time (a row is n_vocab floats; the temporaries of a whole chunk would be
+        hundreds of MB), then the top k of each row."""
+        import numpy as np
+
+        prompt, k = slot.request.prompt, slot.request.params.prompt_logprobs
+        n = min(end, len(prompt) - 1) - start
+        for first in range(0, max(n, 0), _ROWS_AT_ONCE):
+            rows = min(_ROWS_AT_ONCE, n - first)
+            lp = _log_softmax_rows(self._logit_rows(index + first, rows))
+            tokens = prompt[start + first + 1:start + first + 1 + rows]
+            chosen = lp[np.arange(rows), tokens]
+            if k == 1:
+                best = lp.argmax(axis=1)[:, None]
+            elif k:
+                best = np.argpartition(lp, -k, axis=1)[:, -k:]
+            for i, token in enumerate(tokens):
+                top = []
+                if k:
+                    row = lp[i]
+                    top = [self._entry(int(t), float(row[t])) for t in best[i][np.argsort(-row[best[i]])]]
+                text, data, _ = self._entry(token, 0.0)
+                slot.prompt_lp.append(TokenLogprob(text, data, float(chosen[i]), top))
+
+    def _entry(self, token: int, logprob: float) -> tuple[str, list[int], float]:
+        data = self._token_bytes(token)
+        return data.decode("utf-8", errors="replace"), list(data), logprob
+
+    def _logit_rows(self, index: int, n: int):
+        """The logits of batch indices index .. index+n-1 (all asked for) as an (n, n_vocab) array:
+        a view of llama.cpp's buffer where its rows lie in batch order, as they do after a decode."""
+        import numpy as np
+
+        lib, ctx = self.lib, self.ctx.ctx
+        n_vocab = lib.llama_vocab_n_tokens(self.model.vocab)
+        first, last = lib.llama_get_logits_ith(ctx, index), lib.llama_get_logits_ith(ctx, index + n - 1)
+        if not first or not last:
+            raise RuntimeError(f"llama.cpp has no logits for batch rows {index}..{index + n - 1}")
+        if ctypes.addressof(last.contents) - ctypes.addressof(first.contents) == (n - 1) * n_vocab * 4:
+            return np.ctypeslib.as_array(first, shape=(n, n_vocab))
+        return np.stack([np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, index + i), shape=(n_vocab,))
+                         for i in range(n)])
 
     def _sample(self, slot: Slot, index: int) -> None:
         if self._faults is not None:
@@ -393,18 +479,20 @@ class Scheduler(StepLoop):
         request, params = slot.request, slot.request.params
         slot.generated += 1
         n = slot.generated
+        # the first Delta carries the prompt's entries (a copy: the slot's list outlives it)
+        prompt_lp = list(slot.prompt_lp) if n == 1 and params.prompt_logprobs is not None else None
         if self.lib.llama_vocab_is_eog(self.model.vocab, token) and not params.ignore_eos:
-            request.emit(Delta("", n, "stop"))
+            request.emit(Delta("", n, "stop", None, prompt_lp))
             self._release(slot)
             return
         if self._faults is not None:
             self._faults.check("detokenize", params.seed)
         text = slot.detok.add(self._token_bytes(token))
         if n >= params.max_tokens or len(slot.cached) >= self.n_ctx_seq:
-            request.emit(Delta(text, n, "length", logprobs))
+            request.emit(Delta(text, n, "length", logprobs, prompt_lp))
             self._release(slot)
             return
-        request.emit(Delta(text, n, None, logprobs))
+        request.emit(Delta(text, n, None, logprobs, prompt_lp))
         slot.next_token = token
 
     def _release(self, slot: Slot, forget_cache: bool = False) -> None:
@@ -412,7 +500,7 @@ class Scheduler(StepLoop):
         self._free_sampler(slot)
         if forget_cache:
             self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
-            slot.cached = []
+            slot.cached, slot.prompt_lp = [], []
 
     def _free_sampler(self, slot: Slot) -> None:
         if slot.sampler is not None:
@@ -448,8 +536,7 @@ class Scheduler(StepLoop):
         if p.min_p > 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(p.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
-        seed = lib.LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF  # any integer: llama.cpp takes 32 bits
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(sampler_seed(p.seed)))
         return chain
 
     def _token_bytes(self, token: int) -> bytes:
@@ -472,6 +559,36 @@ def json_grammar(schema: dict) -> str:
     except Exception as exc:
         raise BadInput(f"llama.cpp cannot constrain output to this JSON schema: {exc}",
                        param="response_format") from exc
+
+
+_ROWS_AT_ONCE = 32  # prompt positions whose logprobs numpy computes together
+
+
+def _log_softmax_rows(logits):
+    """text.log_softmax over each row of an (n, n_vocab) float32 array, in one pass."""
+    import numpy as np
+
+    out = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float32).max)  # a copy: llama.cpp owns the buffer
+    top = out.max(axis=1, keepdims=True)
+    dead = ~np.isfinite(top[:, 0])  # every logit -inf: nothing is likelier than anything else
+    top[dead] = 0.0
+    out -= top
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out -= np.log(np.exp(out).sum(axis=1, keepdims=True))
+    np.maximum(out, -9999.0, out=out)
+    out[dead] = -9999.0
+    return out
+
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a random seed"
+
+
+def sampler_seed(seed: Optional[int]) -> int:
+    """The 32-bit seed llama.cpp's dist sampler gets for a request's ``seed``: LLAMA_DEFAULT_SEED
+    (random) only when none was given. Any other integer (negative, 64-bit) maps into the other
+    2**32 - 1 values, itself when it is already one of them, so equal seeds draw alike; a
+    plain ``& 0xFFFFFFFF`` sent seed -1 and 2**32 - 1 to the random seed."""
+    return LLAMA_DEFAULT_SEED if seed is None else seed % LLAMA_DEFAULT_SEED
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
