@@ -10,8 +10,11 @@ against 71 for a padded batch).
 
 On a GPU (TransformersArgs ``engine``: "auto" there, or "paged") transformers' own continuous
 batching generates instead (transformers_paged.PagedEngine: a paged KV cache of a bounded size);
-it serves plain sampling, and the fields it cannot (logprobs, penalties, logit_bias, grammars,
-seed) are refused with a 400 naming them.
+it serves plain sampling, and the fields it cannot (logprobs, prompt logprobs, penalties,
+logit_bias, grammars, seed) are refused with a 400 naming them.
+
+A request asking for its prompt's logprobs has every position's logits kept at its prefill (the
+others only the last one's), so chunks and batching stay as they are for it.
 
 Embeddings run on the model's worker thread, concurrent requests joined into one forward
 pass (EmbeddingBatcher).
@@ -48,8 +51,9 @@ def _import_engine(alias: str):
 class TransformersBackend(Backend):
     name = "transformers"
     # per row in BatchLoop._sample; JSON schemas through xgrammar's matcher and token mask
-    features = frozenset({"seed", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                          "min_p", "logit_bias", "response_format", "tool_choice"})
+    # (prompt_logprobs: from the prefill's logits, BatchLoop._prompt_logprobs)
+    features = frozenset({"seed", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty",
+                          "repetition_penalty", "min_p", "logit_bias", "response_format", "tool_choice"})
 
     model = None
     tokenizer = None
@@ -284,6 +288,8 @@ class _Row:
     matcher: Any = None  # xgrammar's GrammarMatcher when the output is constrained
     counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
     logprobs: Optional[list[TokenLogprob]] = None  # of the token just sampled
+    # of the prompt tokens prefilled so far (when asked for), until the first Delta carries them
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
 
 
 class BatchLoop(StepLoop):
@@ -305,6 +311,7 @@ class BatchLoop(StepLoop):
         self.cache = None
         self.mask = None  # [rows, cache length] 1 where a real token is
         self.next_tokens: list[int] = []  # sampled for each row, not yet fed
+        self._pieces: dict[int, bytes] = {}  # token id -> its bytes (logprobs ask for the same ones often)
         self._thread.start()
 
     def running(self) -> int:
@@ -334,6 +341,7 @@ class BatchLoop(StepLoop):
                 request.fail(exc)
                 continue
             self.prefilling.append(row)
+            request.admitted()
 
     def _row(self, request: StepRequest) -> _Row:
         seed = request.params.seed
@@ -401,17 +409,58 @@ class BatchLoop(StepLoop):
             row.cache = DynamicCache(config=self.model.config)
         start = row.prefilled
         end = min(len(prompt), row.prefilled + budget)
+        k = row.request.params.prompt_logprobs
         ids = torch.tensor([prompt[row.prefilled:end]], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=row.cache, use_cache=True, logits_to_keep=1,
+        # every position's logits only for a request that asks for the prompt's logprobs (0: all)
+        out = self.model(input_ids=ids, past_key_values=row.cache, use_cache=True,
+                         logits_to_keep=0 if k is not None else 1,
                          attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
                          position_ids=torch.arange(row.prefilled, end, device=self.device)[None])
         row.prefilled = end
+        if k is not None:
+            self._prompt_logprobs(row, out.logits[0], start, end, k)
         if end < len(prompt):
             return end - start, None
         self.prefilling.remove(row)
         logits = out.logits[0, -1]
         token = self._sample_one(logits, row, int(logits.argmax()))
         return end - start, token if self._on_token(row, token) else None
+
+    def _prompt_logprobs(self, row: _Row, logits, start: int, end: int, k: int) -> None:
+        """Adds the entries of prompt tokens ``start + 1 .. end`` to ``row.prompt_logprobs`` from
+        the logits of positions ``start .. end - 1`` (one chunk's: the logits at a position are
+        the distribution of the token after it, so a chunk's last one scores the next chunk's
+        first token, known already). The model's raw distribution, as for generated tokens."""
+        torch = self.torch
+        prompt = row.request.prompt
+        if row.prompt_logprobs is None:
+            row.prompt_logprobs = [None]  # the first token: nothing comes before it
+        stop = min(end, len(prompt) - 1)  # the last position's logits belong to the first generated token
+        if stop <= start:
+            return
+        x = logits[: stop - start].float()
+        targets = prompt[start + 1 : stop + 1]
+        index = torch.tensor(targets, device=x.device)[:, None]
+        # log-probabilities as raw logits less each row's logsumexp, only where they are read (the
+        # full log_softmax, NaN and infinity mended, took twice as long on CPU)
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        if not bool(torch.isfinite(lse).all()):  # NaN or infinite logits: text.log_softmax's rules
+            x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+            x = torch.nan_to_num(torch.log_softmax(x, dim=-1), nan=-9999.0)  # a row all -inf: all -9999
+            lse = torch.zeros_like(lse)
+        chosen = (x.gather(1, index) - lse).clamp_(min=-9999.0)[:, 0].tolist()
+        best_lp, best_ids = [], []
+        if k:
+            best = x.topk(min(k, x.shape[-1]), dim=-1) if k > 1 else x.max(dim=-1, keepdim=True)
+            best_lp, best_ids = (best.values - lse).clamp_(min=-9999.0).tolist(), best.indices.tolist()
+        for j, token in enumerate(targets):
+            top = [self._entry(t, v) for t, v in zip(best_ids[j], best_lp[j])] if k else []
+            text, data, value = self._entry(token, chosen[j])
+            row.prompt_logprobs.append(TokenLogprob(text, data, value, top))
+
+    def _entry(self, token: int, logprob: float) -> tuple[str, list[int], float]:
+        data = self._piece(token)  # as text.top_logprobs writes an entry
+        return data.decode("utf-8", errors="replace"), list(data), float(logprob)
 
     def _decode(self) -> None:
         torch = self.torch
@@ -436,16 +485,17 @@ class BatchLoop(StepLoop):
         params = row.request.params
         row.generated += 1
         n = row.generated
+        prompt_lp, row.prompt_logprobs = row.prompt_logprobs, None  # on the first Delta only
         if token in self.eos and not params.ignore_eos:
-            row.request.emit(Delta("", n, "stop"))
+            row.request.emit(Delta("", n, "stop", None, prompt_lp))
             return False
         if self._faults is not None:
             self._faults.check("detokenize", params.seed)
         text = row.detok.add(token)
         if n >= params.max_tokens:
-            row.request.emit(Delta(text, n, "length", row.logprobs))
+            row.request.emit(Delta(text, n, "length", row.logprobs, prompt_lp))
             return False
-        row.request.emit(Delta(text, n, None, row.logprobs))
+        row.request.emit(Delta(text, n, None, row.logprobs, prompt_lp))
         return True
 
     def _sample_one(self, logits, row: _Row, greedy: Optional[int]) -> int:
@@ -453,8 +503,8 @@ class BatchLoop(StepLoop):
         if self._faults is not None:
             self._faults.check("sample", row.request.params.seed)
         p = row.request.params
-        # a seed changes nothing for a greedy pick
-        if greedy is not None and p.greedy() and p.features() <= {"seed"} and row.matcher is None:
+        # a seed changes nothing for a greedy pick, nor the prompt's logprobs (taken at the prefill)
+        if greedy is not None and p.greedy() and p.features() <= {"seed", "prompt_logprobs"} and row.matcher is None:
             return greedy  # plain greedy: the batch's argmax
         raw = logits.float()
         token = self._sample_row(self._shape(raw, row), row)
@@ -466,7 +516,10 @@ class BatchLoop(StepLoop):
         return token
 
     def _piece(self, token: int) -> bytes:
-        return hf_token_bytes(self.tokenizer, token)
+        data = self._pieces.get(token)
+        if data is None:
+            data = self._pieces[token] = hf_token_bytes(self.tokenizer, token)
+        return data
 
     def _shape(self, x, row: _Row):
         """Logit bias, penalties (over the generated tokens, as OpenAI's are) and the grammar."""

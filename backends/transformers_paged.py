@@ -9,7 +9,11 @@ stream: text, completion tokens, finish reason, counted here, as BatchLoop does.
 per request through transformers' per-request logits processors (temperature, top_k, top_p);
 greedy is top_k 1, so no temperature divides the logits (a sample among the logits tied for the
 top, which in bfloat16 happens: greedy there is not always the argmax's first index). What those processors cannot do
-(logprobs, penalties, logit_bias, grammars, a seed) the backend refuses before the stream starts.
+(logprobs, penalties, logit_bias, grammars, a seed) the backend refuses before the stream starts,
+and so the prompt's logprobs: transformers' runner computes logits only at each request's last
+scheduled position (its logits_indices) and hands back the sampled token's logprob alone. Nor does
+it tell when it admits a request (its scheduler's lists are its own, and it delivers outputs only
+with tokens), so this engine sends no base.ADMITTED: as with vLLM, the first token stands for it.
 """
 
 from __future__ import annotations
