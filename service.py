@@ -1,10 +1,10 @@
 """The BentoML service: the HTTP surface only. The server's own modules live in llmserve/,
 the engines in backends/.
 
-Request path: an HTTP route (llmserve/routes.py, OpenAI-compatible, under /v1 and
-/api/v1) or a BentoML API below -> OpenAIOperations (llmserve/openai_api.py: checks,
-sampling, SSE chunks; the Responses API in llmserve/responses.py maps onto its chat
-operation) -> ModelManager (llmserve/manager.py: alias -> loaded backend)
+Request path: an HTTP route (llmserve/web/app.py, OpenAI-compatible, under /v1 and
+/api/v1) or a BentoML API below -> OpenAIOperations (llmserve/serving/: one module per API
+family on a shared base: checks, sampling, the generation's lifecycle, SSE chunks; the
+Responses API in serving/responses.py maps onto its chat operation) -> ModelManager (llmserve/manager.py: alias -> loaded backend)
 -> one backend in backends/*_backend.py -> its engine.
 
 The generation routes stream one SSE chunk per token: BentoML's per-chunk tracing is
@@ -22,8 +22,10 @@ from starlette.responses import Response
 from llmserve.config import load_settings
 from llmserve.metrics import metrics_endpoint
 from llmserve.errors import to_api_error
-from llmserve.routes import (BodyLimit, ByteOrderMark, ControlCharacterPaths, NativeAPIKeys, app, error_response,
-                             respond, while_connected)
+from llmserve.web.app import app
+from llmserve.web.auth import NativeAPIKeys
+from llmserve.web.middleware import BodyLimit, ByteOrderMark, ControlCharacterPaths
+from llmserve.web.responding import error_response, respond, while_connected
 from llmserve.runtime import Runtime
 from llmserve.responses_schemas import ResponsesRequest
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -48,7 +50,7 @@ def openai_api(input_spec):
 
 async def as_response(make, ctx: bentoml.Context | None = None) -> Response:
     """The operation's answer as the /v1 route gives it; with the API's context, the work stops
-    when the client leaves before the answer is ready (as on /v1: routes.while_connected)."""
+    when the client leaves before the answer is ready (as on /v1: web.responding.while_connected)."""
     try:
         request = ctx.request if ctx is not None else None
     except LookupError:  # called in-process, outside an HTTP request: no client to watch, no status

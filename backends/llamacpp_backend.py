@@ -168,7 +168,9 @@ class LlamaCppBackend(Backend):
         return await self._thread.call(render)
 
     async def encode_text(self, text):
-        return await self._thread.call(self.model.tokenize, text.encode("utf-8"), True, False)
+        # an embedding alias holds its Llama object only (no slot loop's model)
+        tokenize = self.llm.tokenize if self.llm is not None else self.model.tokenize
+        return await self._thread.call(tokenize, text.encode("utf-8"), True, False)
 
     def vocab_size(self) -> int:
         if self.llm is not None:  # an embedding alias

@@ -21,7 +21,7 @@ STAGES = [
     ("engine thread: step loop, emit, detokenize", r"backends/"),
     ("metrics (llm_* Prometheus updates)", r"llmserve/metrics\.py|prometheus_client/"),
     ("JSON encoding", r"json/encoder\.py|\(json/__init__|orjson"),
-    ("chunk builder (openai_api: _stream, Deadline, Release)", r"llmserve/openai_api\.py|llmserve/routes\.py"),
+    ("chunk builder (serving: _stream, Deadline, Release; web: the SSE response)", r"llmserve/serving/|llmserve/web/"),
     ("stub engine", r"benchmarks/stub_engine\.py"),
     ("OpenTelemetry ASGI", r"opentelemetry/"),
     ("BentoML middleware / app", r"bentoml/"),

@@ -144,7 +144,8 @@ class ModelConfig(_Strict):
 
 class Limits(_Strict):
     max_tokens: int = Field(4096, ge=1)  # largest max_tokens a request may ask for
-    default_max_tokens: int = Field(256, ge=1)  # when a request gives none
+    # when a request gives none; None: what is left of the context, at most max_tokens (as OpenAI and vLLM)
+    default_max_tokens: Optional[int] = Field(None, ge=1)
     max_prompt_chars: int = Field(200_000, ge=1)
     max_loaded_models: int = Field(4, ge=1)
     # resident memory (bytes) the server may hold in models: a load that would pass it first

@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI Responses API (/v1/responses), validated by pydantic.
 
-What the client sent, apart from what the server does with it (llmserve/responses.py).
+What the client sent, apart from what the server does with it (llmserve/serving/responses.py).
 ``input`` items and ``tools`` arrive as plain objects and are checked here one by one
 (``parse_items`` / ``parse_tools``), so that an unknown item or tool type gets a 400 that
 names its place (``input.2.type``, ``tools.0.type``) rather than a union's error list.

@@ -15,9 +15,10 @@ from starlette.routing import Mount, Route
 from .config import Settings
 from .logs import listening_address, log_startup, setup_logging
 from .manager import ModelManager
-from .openai_api import OpenAIOperations
-from .responses import ResponsesOperations
-from .routes import BodyLimit, ControlCharacterPaths, app
+from .serving import OpenAIOperations
+from .serving.responses import ResponsesOperations
+from .web.app import app
+from .web.middleware import BodyLimit, ControlCharacterPaths
 
 log = logging.getLogger("llmserve")
 

@@ -12,13 +12,26 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-INT64_MAX = 2**63 - 1  # seeds: what vLLM and torch.Generator take
+INT64_MAX = 2**63 - 1
+MAX_PROMPTS = 64  # prompts in one completions request (each runs n choices)  # seeds: what vLLM and torch.Generator take
 # below this a temperature is greedy sampling (vLLM's epsilon): dividing logits by it would
 # overflow them to inf and sampling would fail
 GREEDY_BELOW = 1e-5
 
 
-class _Body(BaseModel):
+class _NullIsUnset(BaseModel):
+    """``null`` for a field means "not given" (OpenAI's spec marks these fields nullable, and its
+    clients send nulls for options left unset): the field takes its default."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data):
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class _Body(_NullIsUnset):
     # NaN and infinities are refused for every float field (json.loads reads them from NaN and
     # Infinity), so no range check can be passed by a value that compares false to everything
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -36,44 +49,44 @@ class _Body(BaseModel):
         return data
 
 
-class TextPart(BaseModel):
+class TextPart(_NullIsUnset):
     type: Literal["text"]
     text: str
 
 
-class ToolCallFunction(BaseModel):
+class ToolCallFunction(_NullIsUnset):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(BaseModel):
+class ToolCall(_NullIsUnset):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class FunctionDef(BaseModel):
+class FunctionDef(_NullIsUnset):
     name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: Optional[str] = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: Optional[bool] = None
 
 
-class Tool(BaseModel):
+class Tool(_NullIsUnset):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(_NullIsUnset):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_NullIsUnset):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(_NullIsUnset):
     model_config = ConfigDict(populate_by_name=True)
 
     name: str
@@ -82,7 +95,7 @@ class JsonSchemaFormat(BaseModel):
     strict: Optional[bool] = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_NullIsUnset):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JsonSchemaFormat] = None
 
@@ -93,7 +106,7 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_NullIsUnset):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -119,7 +132,7 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_NullIsUnset):
     include_usage: bool = False
 
 
@@ -223,9 +236,19 @@ class ChatCompletionRequest(SamplingFields):
     def logprobs_k(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def prompt_logprobs_k(self) -> Optional[int]:
+        return None
+
+    def sequences(self) -> int:
+        """Generations this request runs at once (what max_pending counts)."""
+        return self.n
+
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str]]
+    # one prompt or several, as text or token ids: one set of n choices per prompt
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    # 0 with echo: the prompt (and its logprobs) only, as evaluation harnesses ask
+    max_tokens: Optional[StrictInt] = Field(None, ge=0)
     echo: bool = False
     logprobs: Optional[StrictInt] = Field(None, ge=0, le=5)  # OpenAI's range for completions
     # OpenAI fields this server does not implement: a request using them gets a 400 naming them
@@ -234,17 +257,39 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
-        prompts = [v] if isinstance(v, str) else v
-        if len(prompts) != 1:
-            raise ValueError("exactly one prompt is supported per request")
-        return prompts[0]
+    def _prompts(cls, v):
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            v = [v]  # one text, or one prompt of token ids
+        if not v:
+            raise ValueError("prompt must not be empty")
+        if len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        for p in v:
+            if isinstance(p, list) and not p:
+                raise ValueError("a prompt of token ids must not be empty")
+            if isinstance(p, list) and any(t < 0 for t in p):
+                raise ValueError("token ids must not be negative")
+        return v
+
+    @model_validator(mode="after")
+    def _zero_tokens_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise PydanticCustomError("max_tokens_zero", "max_tokens 0 asks for no completion: it needs echo: true "
+                                      "(the prompt and its logprobs)", {"field": "max_tokens"})
+        return self
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
 
     def logprobs_k(self) -> Optional[int]:
         return self.logprobs
+
+    def prompt_logprobs_k(self) -> Optional[int]:
+        """echo with logprobs: the prompt tokens' logprobs too (vLLM's prompt_logprobs)."""
+        return self.logprobs if self.echo else None
+
+    def sequences(self) -> int:
+        return self.n * len(self.prompt)
 
 
 class EmbeddingRequest(_Body):

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Awaitable, Callable, Optional, Sequence
 
-from llmserve.errors import InvalidRequest
+from .errors import InvalidRequest
 
 # Below this share of ids back from the round trip (pooled over the request) it is refused. The
 # lowest share of the model's own inputs measured was 0.938 (benchmarks/token_ids/RESULTS.md);

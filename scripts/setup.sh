@@ -36,6 +36,13 @@ fi
 
 echo "setup: installing into .venv ($target; llama-cpp-python compiles on first install, ~5 min)"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+if [ "$(uname -m)" = x86_64 ]; then
+  # llama.cpp builds for this CPU (-march=native); where the CPU lists AMX but the (virtual)
+  # machine does not grant its tile state, every decode dies of a general protection fault at
+  # ldtilecfg (seen 2026-12-03 in a Firecracker VM). AMX only speeds up int8 matmuls: left out.
+  export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 pip_quiet() { .venv/bin/pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; return "${PIPESTATUS[0]}"; }
 # --no-compile: pip byte-compiles one module at a time (~55 of its ~130 s here); compileall
 # below does it on every core

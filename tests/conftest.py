@@ -57,7 +57,10 @@ def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-
     # stored responses go to a fresh file under .cache, not the user's ~/.local/share
     store = tempfile.NamedTemporaryFile(dir=ROOT / ".cache", prefix=f"{name}-responses-", suffix=".sqlite3",
                                         delete=False).name
+    # a request without max_tokens may run to the end of the context (up to ~2000 tokens here):
+    # the suite's servers stop such requests at 256, as the shipped default did before
     env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8", "LLMSERVE_FAULTS": FAULTS_ENV,
+           "LLMSERVE_LIMITS__DEFAULT_MAX_TOKENS": "256",
            "LLMSERVE_RESPONSES__STORE_PATH": store, **(env_overrides or {})}
     server = bentoml_serve(ROOT / ".cache" / f"{name}.log", env)
     try:

@@ -154,7 +154,6 @@ def test_penalties_make_a_repetitive_greedy_answer_less_repetitive(http, alias):
 UNSUPPORTED = [
     (COMPLETIONS, {"prompt": "Hi", "suffix": "end"}, "suffix"),
     (COMPLETIONS, {"prompt": "Hi", "best_of": 3}, "best_of"),
-    (COMPLETIONS, {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo"),
     (COMPLETIONS, {"prompt": "Hi", "logprobs": 1000}, "logprobs"),
     (CHAT, {"messages": QUESTION, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
     (CHAT, {"messages": QUESTION, "audio": {"voice": "alloy"}}, "audio"),

@@ -66,7 +66,7 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMSERVE_LIMITS__MAX_TOKENS", "77")
     s = load_settings(path)
     assert s.default_model == "b" and s.limits.max_tokens == 77
-    assert s.limits.default_max_tokens == 256  # untouched keys keep their defaults
+    assert s.limits.default_max_tokens is None and s.limits.request_timeout == 600  # untouched keys keep their defaults
     monkeypatch.setenv("LLMSERVE_LIMITS__MAX_TOKENS", "lots")
     with pytest.raises(ConfigError, match="limits.max_tokens"):
         load_settings(path)

@@ -113,7 +113,7 @@ async def test_when_one_of_n_choices_fails_the_others_are_cancelled_at_once():
     from llmserve.config import load_settings
     from llmserve.errors import APIError
     from llmserve.manager import ModelManager
-    from llmserve.openai_api import OpenAIOperations
+    from llmserve.serving import OpenAIOperations
     from llmserve.schemas import ChatCompletionRequest
 
     closed: list[int] = []

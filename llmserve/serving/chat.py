@@ -1,0 +1,40 @@
+"""Chat completions (/v1/chat/completions): the conversation through the alias's chat
+template and tool format (llmserve/tools/), then the shared generation."""
+
+from __future__ import annotations
+
+from backends.base import CHAT
+
+from .. import tools
+from ..errors import InvalidRequest
+from ..schemas import ChatCompletionRequest
+from .chunks import Shape
+from .generation import GenerationServing, Prompt, Result
+
+_UNSUPPORTED = {
+    "functions": "; send `tools` instead.",
+    "function_call": "; send `tool_choice` instead.",
+    "audio": ".",
+    "prediction": ".",
+    "web_search_options": ".",
+}
+
+
+class ChatServing(GenerationServing):
+    async def chat(self, req: ChatCompletionRequest) -> Result:
+        alias = req.model or self.settings.default_model
+        for name, hint in _UNSUPPORTED.items():
+            if getattr(req, name) is not None:
+                raise InvalidRequest(f"`{name}` is not supported by this server" + hint, param=name,
+                                     code="unsupported_parameter")
+        if req.modalities not in (None, ["text"]):
+            raise InvalidRequest("Only text output is supported (`modalities: [\"text\"]`).", param="modalities",
+                                 code="unsupported_parameter")
+        calls = tools.ChatTools(req, self.settings.models.get(alias))
+        self._check_prompt_size(sum(len(m.text()) for m in req.messages))
+
+        async def encode(backend) -> list[Prompt]:
+            return [Prompt(await calls.encode(backend))]
+
+        shape = Shape(chat=True, calls=calls, logprobs=req.logprobs_k() is not None)
+        return await self._generate(alias, CHAT, req, encode, shape, "messages", calls)
