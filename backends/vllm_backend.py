@@ -172,6 +172,10 @@ class VllmBackend(Backend):
     async def encode_text(self, text):
         return await self._tokenizing.call(lambda: self.tokenizer(text)["input_ids"])
 
+    async def decode(self, ids: list[int]) -> str:
+        """Token ids back to text (the echo of a token-id prompt), on the tokenizer's thread."""
+        return await self._tokenizing.call(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
+
     def vocab_size(self) -> int:
         return self.engine.model_config.get_vocab_size()
 
