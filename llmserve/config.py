@@ -153,7 +153,7 @@ class Limits(_Strict):
     memory_budget_bytes: Optional[int] = Field(None, ge=1)
     max_embedding_inputs: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies get a 413
-    request_timeout: float = Field(600, gt=0)  # seconds a generation may take in all
+    request_timeout: float = Field(600, gt=0)  # seconds a generation may take once admitted (and may wait before)
     stall_timeout: float = Field(120, gt=0)  # seconds without a new token before a generation is ended
     drain_timeout: float = Field(30, ge=0)  # seconds an unload or shutdown lets running requests finish
     # a request for an unloaded alias loads it only when its key could load it by hand (an admin

@@ -37,6 +37,12 @@ def test_same_origin_and_non_browser_admin_requests_still_work(http, headers):
     assert r.status_code == 200 and r.json()["was_loaded"] is False
 
 
+def test_a_cross_site_post_to_a_native_inference_api_is_refused_as_it_may_load_a_model(http):
+    # BentoML parses a text/plain body as JSON: /chat from another site could load any alias on demand
+    r = http.post("/chat", headers=CROSS_SITE, content='{"model": "smollm2", "messages": [], "max_tokens": 1}')
+    assert_openai_error(r, 403, code="cross_site_request")
+
+
 def test_cross_site_inference_is_not_what_this_guards(http):
     # a cross-site page cannot read the answer anyway (no CORS); the guard is on state changes
     r = http.get("/v1/models", headers=CROSS_SITE)

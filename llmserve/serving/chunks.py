@@ -145,10 +145,12 @@ class Shape:
         at = self.offsets[i] if self.offsets else 0
         for e in [*(prompt or ()), *entries]:
             offsets.append(at)
-            if e is None:  # the prompt's first token: nothing comes before it
-                tokens.append(None)
+            if e is None:  # the prompt's first token: nothing comes before it, so no logprob
+                first = self._first_token_text(i, prompt)
+                tokens.append(first)
                 values.append(None)
                 tops.append(None)
+                at += len(first)
                 continue
             tokens.append(e.token)
             values.append(e.logprob)
@@ -157,6 +159,12 @@ class Shape:
         if self.offsets:
             self.offsets[i] = at
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def _first_token_text(self, i: int, prompt: list) -> str:
+        """The text of the prompt's first token, which engines send no entry for: what the echoed
+        prompt holds before the other tokens' text ("" for a BOS, which has none)."""
+        echo, rest = self.echoed(i), "".join(e.token for e in prompt[1:] if e is not None)
+        return echo[:len(echo) - len(rest)] if echo.endswith(rest) else ""
 
 
 def _call_delta(e) -> dict[str, Any]:

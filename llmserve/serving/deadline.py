@@ -79,6 +79,12 @@ class _Watch:
         if not self.started:  # engines that do not say when they admit: the first token does
             self.admitted()
 
+    def yielding(self) -> None:
+        """Before a yield: raises a limit that passed (or is about to cancel the stream's await)."""
+        if self.due:
+            raise TimeoutError
+        self.at_yield = True
+
     def resume(self) -> None:
         """After a yield: raises the limit that passed while the client held the stream."""
         self.at_yield = False
@@ -97,9 +103,10 @@ class _Watch:
             self.check = self.deadline.loop.call_at(min(self.end, self.last + self.deadline.stall), self._check)
             return
         self.deadline.why = why
-        if self.at_yield:
-            self.due = True
-        else:
+        # due in either case: a cancel queued here may come after the engine's next delta, and the
+        # stream must not yield past it (yielding() raises first, which also drops the cancel)
+        self.due = True
+        if not self.at_yield:
             self.timer.reschedule(now)  # cancels the await on the engine: TimeoutError
 
     async def __aexit__(self, *exc) -> Optional[bool]:

@@ -147,12 +147,12 @@ class GenerationServing(Serving):
                         metrics.on_delta(d)
                         completion_tokens = d.completion_tokens
                         if d.text:
-                            watch.at_yield = True
+                            watch.yielding()
                             yield head + json_text(d.text) + tail
                             watch.resume()
                         if d.finish_reason:  # in a chunk of its own, with no text, as OpenAI sends it
                             status = d.finish_reason
-                            watch.at_yield = True
+                            watch.yielding()
                             yield sse_event({**meta, "choices": [shape.finish_chunk(0, d.finish_reason)]})
                             watch.resume()
             except TimeoutError:

@@ -78,7 +78,7 @@ def refuse_cross_site(settings, headers: Mapping[str, str]) -> None:
     else:
         allowed = origin is None or urlsplit(origin).netloc == headers.get("host", "")
     if not allowed:
-        raise Forbidden(f"Loading and unloading models from another site's page is refused (origin {origin!r}): "
+        raise Forbidden(f"Requests that can load or unload models are refused from another site's page (origin {origin!r}): "
                         "send it from this server's own console, from a client that is not a browser, or list "
                         "the origin in cors_origins.", code="cross_site_request")
 
@@ -99,8 +99,9 @@ class NativeAPIKeys:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
             try:
                 check_keys(self.settings, headers.get("authorization", ""), admin=path in self.ADMIN)
-                if path in self.ADMIN:
-                    refuse_cross_site(self.settings, headers)
+                # BentoML reads any body as JSON (text/plain too: no preflight), so a page of another
+                # site could load a model on demand through /chat as well as through /load_model
+                refuse_cross_site(self.settings, headers)
             except APIError as exc:
                 return await error_response(exc)(scope, receive, send)
         await self.app(scope, receive, send)
