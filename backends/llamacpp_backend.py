@@ -420,31 +420,14 @@ class Scheduler(StepLoop):
         """The entries of prompt tokens start+1 .. end (within the prompt) from the logits of
         positions start .. end-1, decoded at batch indices index, index+1, ...: numpy over a few
         rows at a time (a row is n_vocab floats; the temporaries of a whole chunk would be
-        hundreds of MB), then the top k of each row."""
-        import numpy as np
-
+        hundreds of MB), then each row's entry as a generated token's is made."""
         prompt, k = slot.request.prompt, slot.request.params.prompt_logprobs
         n = min(end, len(prompt) - 1) - start
         for first in range(0, max(n, 0), _ROWS_AT_ONCE):
             rows = min(_ROWS_AT_ONCE, n - first)
-            lp = _log_softmax_rows(self._logit_rows(index + first, rows))
+            lp = log_softmax(self._logit_rows(index + first, rows))
             tokens = prompt[start + first + 1:start + first + 1 + rows]
-            chosen = lp[np.arange(rows), tokens]
-            if k == 1:
-                best = lp.argmax(axis=1)[:, None]
-            elif k:
-                best = np.argpartition(lp, -k, axis=1)[:, -k:]
-            for i, token in enumerate(tokens):
-                top = []
-                if k:
-                    row = lp[i]
-                    top = [self._entry(int(t), float(row[t])) for t in best[i][np.argsort(-row[best[i]])]]
-                text, data, _ = self._entry(token, 0.0)
-                slot.prompt_lp.append(TokenLogprob(text, data, float(chosen[i]), top))
-
-    def _entry(self, token: int, logprob: float) -> tuple[str, list[int], float]:
-        data = self._token_bytes(token)
-        return data.decode("utf-8", errors="replace"), list(data), logprob
+            slot.prompt_lp.extend(top_logprobs(lp[i], k, token, self._token_bytes) for i, token in enumerate(tokens))
 
     def _logit_rows(self, index: int, n: int):
         """The logits of batch indices index .. index+n-1 (all asked for) as an (n, n_vocab) array:
@@ -564,22 +547,6 @@ def json_grammar(schema: dict) -> str:
 
 
 _ROWS_AT_ONCE = 32  # prompt positions whose logprobs numpy computes together
-
-
-def _log_softmax_rows(logits):
-    """text.log_softmax over each row of an (n, n_vocab) float32 array, in one pass."""
-    import numpy as np
-
-    out = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float32).max)  # a copy: llama.cpp owns the buffer
-    top = out.max(axis=1, keepdims=True)
-    dead = ~np.isfinite(top[:, 0])  # every logit -inf: nothing is likelier than anything else
-    top[dead] = 0.0
-    out -= top
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out -= np.log(np.exp(out).sum(axis=1, keepdims=True))
-    np.maximum(out, -9999.0, out=out)
-    out[dead] = -9999.0
-    return out
 
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "draw a random seed"

@@ -34,16 +34,18 @@ def top_logprobs(logprobs, k: int, token: int, piece: Callable[[int], bytes]) ->
     """The TokenLogprob of ``token`` from one position's log-probabilities (a numpy vector)."""
     import numpy as np
 
-    def entry(t: int) -> tuple[str, list[int], float]:
-        data = piece(t)
-        return data.decode("utf-8", errors="replace"), list(data), float(logprobs[t])
-
     top = []
     if k:
         best = np.argpartition(-logprobs, k)[:k]
-        top = [entry(int(t)) for t in best[np.argsort(-logprobs[best])]]
-    text, data, lp = entry(token)
+        top = [logprob_entry(int(t), logprobs[t], piece) for t in best[np.argsort(-logprobs[best])]]
+    text, data, lp = logprob_entry(token, logprobs[token], piece)
     return TokenLogprob(text, data, lp, top)
+
+
+def logprob_entry(token: int, logprob: float, piece: Callable[[int], bytes]) -> tuple[str, list[int], float]:
+    """One (text, bytes, logprob) entry, as TokenLogprob.top holds them; ``piece`` gives a token's bytes."""
+    data = piece(token)
+    return data.decode("utf-8", errors="replace"), list(data), float(logprob)
 
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -74,16 +76,21 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 
 def log_softmax(logits):
-    """Log-probabilities of a float32 numpy logits vector, each at least -9999 (OpenAI's floor),
-    so that NaN or infinite logits still give numbers JSON can carry."""
+    """Log-probabilities of float32 numpy logits along their last axis (one vector, or a row per
+    position), each at least -9999 (OpenAI's floor), so that NaN or infinite logits still give
+    numbers JSON can carry. The input is not changed (llama.cpp owns its logits buffer)."""
     import numpy as np
 
-    logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float32).max)
-    top = logits.max()
-    if not np.isfinite(top):  # every logit -inf: nothing is likelier than anything else
-        return np.full_like(logits, -9999.0)
-    shifted = logits - top
-    return np.maximum(shifted - np.log(np.exp(shifted).sum()), -9999.0)
+    out = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float32).max)  # a copy
+    top = out.max(axis=-1, keepdims=True)
+    dead = ~np.isfinite(top)  # every logit -inf: nothing is likelier than anything else
+    top[dead] = 0.0
+    out -= top
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
+    np.maximum(out, -9999.0, out=out)
+    out[np.broadcast_to(dead, out.shape)] = -9999.0
+    return out
 
 
 class IncrementalDetokenizer:

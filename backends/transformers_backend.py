@@ -32,7 +32,7 @@ from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, Samp
 from .convert import gguf_to_hf_dir
 from .errors import BadInput, NotInstalled
 from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
-from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, top_logprobs
+from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, logprob_entry, top_logprobs
 from .transformers_paged import PagedEngine
 from .grammar import structural_tag
 
@@ -454,13 +454,9 @@ class BatchLoop(StepLoop):
             best = x.topk(min(k, x.shape[-1]), dim=-1) if k > 1 else x.max(dim=-1, keepdim=True)
             best_lp, best_ids = (best.values - lse).clamp_(min=-9999.0).tolist(), best.indices.tolist()
         for j, token in enumerate(targets):
-            top = [self._entry(t, v) for t, v in zip(best_ids[j], best_lp[j])] if k else []
-            text, data, value = self._entry(token, chosen[j])
+            top = [logprob_entry(t, v, self._piece) for t, v in zip(best_ids[j], best_lp[j])] if k else []
+            text, data, value = logprob_entry(token, chosen[j], self._piece)
             row.prompt_logprobs.append(TokenLogprob(text, data, value, top))
-
-    def _entry(self, token: int, logprob: float) -> tuple[str, list[int], float]:
-        data = self._piece(token)  # as text.top_logprobs writes an entry
-        return data.decode("utf-8", errors="replace"), list(data), float(logprob)
 
     def _decode(self) -> None:
         torch = self.torch

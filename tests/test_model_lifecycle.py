@@ -79,6 +79,17 @@ def row(m: ModelManager, alias: str) -> dict:
     return next(r for r in m.list_models() if r["id"] == alias)
 
 
+async def load_c_while_a_drains(m):
+    """A request held on a, a's unload (draining while it runs), then a load of c: the tasks, and
+    the event that lets the request on a end."""
+    release = asyncio.Event()
+    request = asyncio.create_task(hold(m, "a", release))
+    await until(lambda: m.list_models()[0]["in_use"] == 1, "the request on a never started")
+    unloading = asyncio.create_task(m.unload("a"))
+    await until(lambda: not row(m, "a")["loaded"], "a never started draining")
+    return release, request, unloading, asyncio.create_task(m.load("c"))
+
+
 def test_a_draining_model_holds_its_place_under_max_loaded_models_until_its_engine_is_gone(tmp_path, monkeypatch,
                                                                                            lines):
     """max_loaded_models 2: a and b loaded, a unloaded while a request runs on it. A load of c
@@ -89,12 +100,7 @@ def test_a_draining_model_holds_its_place_under_max_loaded_models_until_its_engi
     async def run():
         await m.load("a")
         await m.load("b")
-        release = asyncio.Event()
-        request = asyncio.create_task(hold(m, "a", release))
-        await until(lambda: m.list_models()[0]["in_use"] == 1, "the request on a never started")
-        unloading = asyncio.create_task(m.unload("a"))
-        await until(lambda: not row(m, "a")["loaded"], "a never started draining")
-        loading = asyncio.create_task(m.load("c"))
+        release, request, unloading, loading = await load_c_while_a_drains(m)
 
         async def watch():
             while True:
@@ -128,12 +134,7 @@ def test_a_draining_model_counts_against_the_memory_budget_until_its_engine_is_g
     async def run():
         await m.load("a")
         m._measured["c"] = 100 * MIB  # what c took when it was last loaded
-        release = asyncio.Event()
-        request = asyncio.create_task(hold(m, "a", release))
-        await until(lambda: m.list_models()[0]["in_use"] == 1, "the request on a never started")
-        unloading = asyncio.create_task(m.unload("a"))
-        await until(lambda: not row(m, "a")["loaded"], "a never started draining")
-        loading = asyncio.create_task(m.load("c"))
+        release, request, unloading, loading = await load_c_while_a_drains(m)
         await until(lambda: waits_for_drain(lines, "c", "a") or loading.done(), "c's load never looked for room")
         assert not loading.done(), f"c's load ended while a still held its memory: {loading.exception()!r}"
         release.set()

@@ -106,17 +106,7 @@ class GenerationServing(Serving):
         got = Collected()
         status = "aborted"  # cancelled: the client left, or another choice failed
         try:
-            try:
-                async with deadline.watch() as watch:
-                    async for d in deltas:
-                        if d is ADMITTED:
-                            watch.admitted()
-                            continue
-                        watch.tick()
-                        metrics.on_delta(d)
-                        got.add(d)
-            except TimeoutError:
-                raise deadline.error() from None
+            await _read(deltas, deadline, metrics, got.add)
             status = got.last.finish_reason or "stop"
         except Exception as exc:
             status = "error"
@@ -177,16 +167,7 @@ class GenerationServing(Serving):
 
         async def pump(i: int) -> None:
             try:
-                async with deadline.watch() as watch:
-                    async for d in streams[i]:
-                        if d is ADMITTED:
-                            watch.admitted()
-                            continue
-                        watch.tick()
-                        metrics[i].on_delta(d)
-                        events.put_nowait((i, d))
-            except TimeoutError:
-                events.put_nowait((i, deadline.error()))
+                await _read(streams[i], deadline, metrics[i], lambda d: events.put_nowait((i, d)))
             except Exception as exc:  # noqa: BLE001 - handed to the client's stream below
                 events.put_nowait((i, exc))
             finally:  # cancelled too (the client left): the release below waits for this
@@ -224,6 +205,23 @@ class GenerationServing(Serving):
         finally:
             await release()
         yield "data: [DONE]\n\n"
+
+
+async def _read(deltas, deadline: Deadline, metrics: RequestMetrics, each) -> None:
+    """Hands every delta of one generation to ``each`` under its deadline (a whole answer's
+    choices and a general stream's pumps, which never yield to the client while they read; the
+    plain stream does, and reads inline). A limit that passes raises the deadline's APIError."""
+    try:
+        async with deadline.watch() as watch:
+            async for d in deltas:
+                if d is ADMITTED:
+                    watch.admitted()
+                    continue
+                watch.tick()
+                metrics.on_delta(d)
+                each(d)
+    except TimeoutError:
+        raise deadline.error() from None
 
 
 class Collected:
