@@ -28,6 +28,7 @@ from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ..serving import OpenAIOperations
 from ..serving.responses import ResponsesOperations
 from ..ui import mount as mount_pages
+from . import anthropic, retrieval
 from .auth import check_admin_key, check_api_key
 from .responding import error_response, respond, while_connected
 
@@ -137,6 +138,8 @@ async def unknown_route(path: str, request: Request):
 
 for prefix in ("/v1", "/api/v1"):
     app.include_router(admin_router, prefix=prefix)
+    app.include_router(anthropic.router, prefix=prefix)  # its own error shape and keys (x-api-key)
+    app.include_router(retrieval.router, prefix=prefix)
     app.include_router(openai_router, prefix=prefix)  # after admin: it ends with the catch-all
 app.include_router(admin_router)
 
