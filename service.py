@@ -28,6 +28,7 @@ from llmserve.web.middleware import BodyLimit, ByteOrderMark, ControlCharacterPa
 from llmserve.web.responding import error_response, respond, while_connected
 from llmserve.runtime import Runtime
 from llmserve.responses_schemas import ResponsesRequest
+from llmserve.retrieval_schemas import DetokenizeRequest, RerankRequest, ScoreRequest, TokenizeRequest
 from llmserve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llmserve.tracing import EXCLUDED_URLS, GenerationRouteSpans
 
@@ -121,6 +122,32 @@ class LLMService:
     async def respond(self, ctx: bentoml.Context, **body) -> str:
         """Responses API; the fields of OpenAI's /v1/responses body."""
         return await as_response(lambda: self.runtime.responses.create(ResponsesRequest.model_validate(body)), ctx)
+
+    # -- retrieval (llmserve/web/retrieval.py has them under /v1): vLLM's root-level paths, same bodies
+    @bentoml.api(input_spec=RerankRequest)
+    async def rerank(self, ctx: bentoml.Context, **body) -> dict:
+        """Rerank documents by relevance to a query (Cohere / Jina shape); /v1/rerank's body."""
+        return await as_response(lambda: self.ops.rerank(RerankRequest.model_validate(body)), ctx)
+
+    @bentoml.api(input_spec=RerankRequest, route="/v2/rerank")
+    async def rerank_v2(self, ctx: bentoml.Context, **body) -> dict:
+        """Cohere's v2 rerank (its SDK's ClientV2 with base_url at this server)."""
+        return await as_response(lambda: self.ops.rerank(RerankRequest.model_validate(body), version=2), ctx)
+
+    @bentoml.api(input_spec=ScoreRequest)
+    async def score(self, ctx: bentoml.Context, **body) -> dict:
+        """One relevance score per text_1 / text_2 pair (vLLM's /score)."""
+        return await as_response(lambda: self.ops.score(ScoreRequest.model_validate(body)), ctx)
+
+    @bentoml.api(input_spec=TokenizeRequest)
+    async def tokenize(self, ctx: bentoml.Context, **body) -> dict:
+        """Token ids of a prompt, or of messages as the chat route renders them (vLLM's /tokenize)."""
+        return await as_response(lambda: self.ops.tokenize(TokenizeRequest.model_validate(body)), ctx)
+
+    @bentoml.api(input_spec=DetokenizeRequest)
+    async def detokenize(self, ctx: bentoml.Context, **body) -> dict:
+        """Text of token ids (vLLM's /detokenize)."""
+        return await as_response(lambda: self.ops.detokenize(DetokenizeRequest.model_validate(body)), ctx)
 
     @bentoml.api
     async def list_models(self) -> dict:

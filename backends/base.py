@@ -16,7 +16,7 @@ from .args import LlamaCppArgs, TransformersArgs, VllmArgs
 class ModelSpec(Protocol):
     """What an engine reads of its alias's configuration (llmserve's ModelConfig is one)."""
 
-    task: str  # "generate" or "embed"
+    task: str  # "generate", "embed" or "rerank" (a cross-encoder: a sequence-classification model)
     gguf_file: Optional[str]
     tokenizer: Optional[str]
     trust_remote_code: bool
@@ -28,7 +28,9 @@ class ModelSpec(Protocol):
 
 from .grammar import CallGrammar
 
-CHAT, COMPLETION, EMBEDDINGS = "chat", "completion", "embeddings"
+# RERANK: scores (query, document) pairs with a cross-encoder (Backend.score); embedding aliases
+# rerank too, by cosine similarity, in the serving layer (llmserve/serving/retrieval.py)
+CHAT, COMPLETION, EMBEDDINGS, RERANK = "chat", "completion", "embeddings", "rerank"
 
 
 @dataclass
@@ -97,6 +99,8 @@ class Delta:
     # on the first Delta when SamplingParams.prompt_logprobs asks: one entry per prompt token,
     # None for the first (nothing comes before it)
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    # on a last Delta that a stop sequence ended: which one (Anthropic's stop_sequence, vLLM's stop_reason)
+    stop_sequence: Optional[str] = None
 
 
 # The item a generation yields first once the engine has taken the request into its batch
@@ -114,6 +118,26 @@ class Embeddings:
     @property
     def prompt_tokens(self) -> int:
         return sum(self.tokens)
+
+    def part(self, start: int, end: int) -> "Embeddings":
+        """The answer to inputs start..end of a batch (scheduling.InputBatcher)."""
+        return Embeddings(self.vectors[start:end], self.tokens[start:end])
+
+
+@dataclass
+class Scores:
+    """A cross-encoder's relevance score of each (query, document) pair (higher: more relevant;
+    a one-label model's sigmoid, in 0..1, as vLLM's score task gives it)."""
+
+    values: list[float]
+    tokens: list[int]  # tokens of each pair, as the model read it (query, document and specials)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.tokens)
+
+    def part(self, start: int, end: int) -> "Scores":
+        return Scores(self.values[start:end], self.tokens[start:end])
 
 
 class Backend(abc.ABC):
@@ -165,17 +189,19 @@ class Backend(abc.ABC):
     # -- prompts ----------------------------------------------------------------------
     @abc.abstractmethod
     async def encode_chat(self, messages: list[dict], tools: Optional[list[dict]] = None,
-                          template: Optional[str] = None) -> list[int]:
+                          template: Optional[str] = None, generation_prompt: bool = True) -> list[int]:
         """Token ids of the conversation rendered by the chat template (``template``, else the
-        model's own) with ``tools=`` (OpenAI's tool objects) where given."""
+        model's own) with ``tools=`` (OpenAI's tool objects) where given, ending with the
+        assistant turn's opening (``generation_prompt``: what a generation continues from)."""
 
     def chat_template(self) -> Optional[str]:
         """The model's own chat template (its text), None when it has none."""
         return None
 
     @abc.abstractmethod
-    async def encode_text(self, text: str) -> list[int]:
-        """Token ids of a plain completion prompt (with BOS where the model wants one)."""
+    async def encode_text(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of a plain completion prompt (with BOS, or the special tokens the model's
+        tokenizer adds, where the model wants them, unless ``special`` is false)."""
 
     # -- work -------------------------------------------------------------------------
     async def prepare(self, params: SamplingParams) -> None:
@@ -192,6 +218,11 @@ class Backend(abc.ABC):
         """
 
     async def embed(self, inputs: list[str]) -> Embeddings:
+        raise NotImplementedError
+
+    async def score(self, pairs: list[tuple[str, str]]) -> Scores:
+        """Relevance of each (query, document) pair, on a RERANK alias (concurrent calls batched
+        where the engine does not batch by itself); a pair past the context is a BadInput."""
         raise NotImplementedError
 
 

@@ -13,7 +13,9 @@ position it prefills read back after the decode; the slot keeps those entries be
 tokens, so a later such request reuses the cached prefix only as far as its entries reach.
 
 Embedding aliases use llama-cpp-python's ``Llama.embed`` on the model's engine thread,
-with concurrent requests joined into one call (EmbeddingBatcher).
+with concurrent requests joined into one call (InputBatcher); they rerank by cosine similarity
+(llmserve/serving/retrieval.py). No rank-pooling (cross-encoder) GGUF is served here yet: an
+alias with task "rerank" fails to load with a message saying so.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .base import (CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, Sam
 from .convert import gguf_requantize
 from .grammar import gbnf
 from .errors import BadInput, NotInstalled
-from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
+from .scheduling import EngineThread, InputBatcher, StepLoop, StepRequest
 from .text import ByteDetokenizer, log_softmax, template_error, top_logprobs
 
 log = logging.getLogger("llmserve")
@@ -69,6 +71,10 @@ class LlamaCppBackend(Backend):
         return str(path)
 
     def _load_sync(self) -> None:
+        if self.config.task == "rerank":
+            raise BadInput(f"Model {self.alias!r}: llama.cpp serves no cross-encoder (task: rerank) here; give the "
+                           "alias task: embed to rerank by cosine similarity, or serve the reranker on "
+                           "Transformers or vLLM.", param="task")
         lib = self._lib
         args = self.config.llamacpp
         path = self._model_path()
@@ -84,7 +90,7 @@ class LlamaCppBackend(Backend):
             bounds = [args.n_ctx, self.llm.n_ctx(), self.llm.n_batch]
             n_ctx_train = self.llm._model.n_ctx_train() if getattr(self.llm, "_model", None) else 0
             self._embed_limit = min(bounds + ([n_ctx_train] if n_ctx_train > 0 else []))
-            self._embedder = EmbeddingBatcher(lambda inputs: self._thread.call(self._embed_sync, inputs))
+            self._embedder = InputBatcher(lambda inputs: self._thread.call(self._embed_sync, inputs))
             return
         from llama_cpp._internals import LlamaModel
         from llama_cpp._logger import set_verbose
@@ -143,34 +149,34 @@ class LlamaCppBackend(Backend):
     def chat_template(self):
         return self._template
 
-    def _formatter(self, template: str):
+    def _formatter(self, template: str, generation_prompt: bool = True):
         """The GGUF's chat template (or the alias's) compiled once, rendered as Transformers does."""
-        formatter = self._formatters.get(template)
+        formatter = self._formatters.get((template, generation_prompt))
         if formatter is None:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-            formatter = self._formatters[template] = Jinja2ChatFormatter(
+            formatter = self._formatters[template, generation_prompt] = Jinja2ChatFormatter(
                 template=template,
                 eos_token=self.model.token_get_text(self.model.token_eos()),
                 bos_token=self.model.token_get_text(self.model.token_bos()),
-                add_generation_prompt=True,
+                add_generation_prompt=generation_prompt,
             )
         return formatter
 
-    async def encode_chat(self, messages, tools=None, template=None):
+    async def encode_chat(self, messages, tools=None, template=None, generation_prompt=True):
         def render():
             try:
-                out = self._formatter(template or self._template)(messages=messages, tools=tools)
+                out = self._formatter(template or self._template, generation_prompt)(messages=messages, tools=tools)
             except Exception as exc:
                 raise template_error(exc) from exc
             return self.model.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
 
         return await self._thread.call(render)
 
-    async def encode_text(self, text):
+    async def encode_text(self, text, special=True):
         # an embedding alias holds its Llama object only (no slot loop's model)
         tokenize = self.llm.tokenize if self.llm is not None else self.model.tokenize
-        return await self._thread.call(tokenize, text.encode("utf-8"), True, False)
+        return await self._thread.call(tokenize, text.encode("utf-8"), special, False)
 
     def vocab_size(self) -> int:
         if self.llm is not None:  # an embedding alias
@@ -213,7 +219,7 @@ class LlamaCppBackend(Backend):
 
     # -- embeddings ---------------------------------------------------------------------------
     async def embed(self, inputs: list[str]) -> Embeddings:
-        return await self._embedder.embed(inputs)
+        return await self._embedder.run(inputs)
 
     def _embed_sync(self, inputs: list[str]) -> Embeddings:
         tokens = []

@@ -1,6 +1,6 @@
 """How engines run requests off the event loop: one thread per engine (EngineThread), the
 step loop of the batching engines (StepLoop: admit, one batched step, emit), and the batcher
-that joins concurrent embedding requests (EmbeddingBatcher)."""
+that joins concurrent embedding or scoring requests (InputBatcher)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from . import faults
-from .base import ADMITTED, Delta, Embeddings, SamplingParams
+from .base import ADMITTED, Delta, SamplingParams
 from .errors import EngineError, EngineFailure
 
 log = logging.getLogger("llmserve")
 
 
-class EmbeddingBatcher:
-    """Joins concurrent embedding requests to one model into one forward pass.
+class InputBatcher:
+    """Joins concurrent embedding (or cross-encoder scoring) requests to one model into one
+    forward pass: each request's inputs (texts, or (query, document) pairs), and its slice of the
+    batch's answer (an Embeddings or Scores: ``part``) back.
 
     While the engine computes one batch, the requests that arrive wait and then go in
     together (up to ``max_inputs``), so a lone request never waits for a window and a busy
@@ -29,14 +31,14 @@ class EmbeddingBatcher:
     input fails only the request that sent it.
     """
 
-    def __init__(self, run: Callable[[list[str]], Awaitable[Embeddings]], max_inputs: int = 256):
+    def __init__(self, run: Callable[[list[Any]], Awaitable[Any]], max_inputs: int = 256):
         self._run, self._max = run, max_inputs
-        self._queue: list[tuple[list[str], asyncio.Future]] = []
+        self._queue: list[tuple[list[Any], asyncio.Future]] = []
         self._draining = False
         self.batches = 0  # forward passes so far (for tests and describe)
         self.running = 0  # requests waiting for or in a forward pass
 
-    async def embed(self, inputs: list[str]) -> Embeddings:
+    async def run(self, inputs: list[Any]) -> Any:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((inputs, future))
         if not self._draining:
@@ -78,7 +80,7 @@ class EmbeddingBatcher:
         for inputs, future in group:
             end = start + len(inputs)
             if not future.done():
-                future.set_result(Embeddings(result.vectors[start:end], result.tokens[start:end]))
+                future.set_result(result.part(start, end))
             start = end
 
 

@@ -18,12 +18,12 @@ def template_error(exc: Exception):
 
 
 def hf_chat_ids(tokenizer, messages: list[dict], tools: Optional[list[dict]] = None,
-                template: Optional[str] = None) -> list[int]:
+                template: Optional[str] = None, generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation through a Hugging Face tokenizer's chat template (or the
     alias's own ``template``), with ``tools`` given to the template."""
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template,
-                                             add_generation_prompt=True, tokenize=False)
+                                             add_generation_prompt=generation_prompt, tokenize=False)
     except Exception as exc:
         raise template_error(exc) from exc
     # the template already wrote any special tokens (BOS) the model wants
@@ -138,19 +138,20 @@ class StopScanner:
         self._hold = max((len(s) for s in stops), default=1) - 1
         self._pending = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to send now, whether a stop sequence was hit)."""
+    def feed(self, text: str) -> tuple[str, Optional[str]]:
+        """Returns (text safe to send now, the stop sequence hit, if one was)."""
         if not self.stops:
-            return text, False
+            return text, None
         self._pending += text
-        cut = min((i for i in (self._pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s, i in ((s, self._pending.find(s)) for s in self.stops) if i >= 0]
+        if found:
+            cut, stop = min(found, key=lambda f: f[0])  # the earliest; of two at one place, the first listed
             out, self._pending = self._pending[:cut], ""
-            return out, True
+            return out, stop
         keep = min(self._hold, len(self._pending))
         out = self._pending[: len(self._pending) - keep]
         self._pending = self._pending[len(out) :]
-        return out, False
+        return out, None
 
     def flush(self) -> str:
         out, self._pending = self._pending, ""
@@ -174,8 +175,8 @@ async def _cut_at_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> Async
                 yield d
                 continue
             text, hit = scanner.feed(d.text)
-            if hit:
-                yield Delta(text, d.completion_tokens, "stop", d.logprobs, d.prompt_logprobs)
+            if hit is not None:
+                yield Delta(text, d.completion_tokens, "stop", d.logprobs, d.prompt_logprobs, hit)
                 return
             if d.finish_reason:
                 yield Delta(text + scanner.flush(), d.completion_tokens, d.finish_reason, d.logprobs,

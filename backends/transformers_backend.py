@@ -16,8 +16,8 @@ logit_bias, grammars, seed) are refused with a 400 naming them.
 A request asking for its prompt's logprobs has every position's logits kept at its prefill (the
 others only the last one's), so chunks and batching stay as they are for it.
 
-Embeddings run on the model's worker thread, concurrent requests joined into one forward
-pass (EmbeddingBatcher).
+Embeddings, and a cross-encoder's scores (task "rerank": a ...ForSequenceClassification model),
+run on the model's worker thread, concurrent requests joined into one forward pass (InputBatcher).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from .base import CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, TokenLogprob, release_memory
+from .base import (CHAT, COMPLETION, EMBEDDINGS, RERANK, Backend, Delta, Embeddings, SamplingParams, Scores,
+                   TokenLogprob, release_memory)
 from .convert import gguf_to_hf_dir
 from .errors import BadInput, NotInstalled
-from .scheduling import EmbeddingBatcher, EngineThread, StepLoop, StepRequest
+from .scheduling import EngineThread, InputBatcher, StepLoop, StepRequest
 from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, logprob_entry, top_logprobs
 from .transformers_paged import PagedEngine
 from .grammar import structural_tag
@@ -92,7 +93,8 @@ class TransformersBackend(Backend):
         if args.attn_implementation:
             model_kwargs["attn_implementation"] = args.attn_implementation
         self.tokenizer = tf.AutoTokenizer.from_pretrained(self.config.tokenizer or location, **kwargs)
-        auto = tf.AutoModel if self.config.task == "embed" else tf.AutoModelForCausalLM
+        auto = {"embed": tf.AutoModel, "rerank": tf.AutoModelForSequenceClassification}.get(
+            self.config.task, tf.AutoModelForCausalLM)
         if args.random_weights:  # like vLLM's load_format=dummy: real shapes, random weights
             config = tf.AutoConfig.from_pretrained(location, **kwargs)
             with torch.device(args.device_map or "cpu"):  # built where it runs, not copied there
@@ -102,11 +104,12 @@ class TransformersBackend(Backend):
             self.model = auto.from_pretrained(location, **model_kwargs).eval()
         cfg = self.model.config
         ctx = args.max_context or getattr(cfg, "max_position_embeddings", None) or 2048
-        if self.config.task == "embed":
+        if self.config.task in ("embed", "rerank"):
             ctx = min(ctx, self.tokenizer.model_max_length or ctx)
         self._ctx = int(ctx)
-        if self.config.task == "embed":
-            self._embedder = EmbeddingBatcher(lambda inputs: self._thread.call(self._embed_sync, inputs))
+        if self.config.task in ("embed", "rerank"):
+            work = self._embed_sync if self.config.task == "embed" else self._score_sync
+            self._embedder = InputBatcher(lambda inputs: self._thread.call(work, inputs))
             return
         eos = set()
         for source in (self.model.generation_config, self.tokenizer):
@@ -154,6 +157,8 @@ class TransformersBackend(Backend):
     def capabilities(self) -> set[str]:
         if self.config.task == "embed":
             return {EMBEDDINGS}
+        if self.config.task == "rerank":
+            return {RERANK}
         caps = {COMPLETION}
         if self.chat_template() or self.config.chat_template:  # the model's own, or the alias's
             caps.add(CHAT)
@@ -172,7 +177,7 @@ class TransformersBackend(Backend):
         elif self.batcher:
             info.update(engine="loop", max_batch=self.batcher.max_batch, queued_requests=self.batcher.queued())
         else:
-            info.update(embedding_batches=self._embedder.batches)
+            info[f"{'embedding' if self.config.task == 'embed' else 'score'}_batches"] = self._embedder.batches
         return info
 
     def failure(self):
@@ -185,14 +190,14 @@ class TransformersBackend(Backend):
             return min(self._ctx, self.paged.max_tokens)
         return self._ctx
 
-    async def encode_chat(self, messages, tools=None, template=None):
-        return await self._thread.call(hf_chat_ids, self.tokenizer, messages, tools, template)
+    async def encode_chat(self, messages, tools=None, template=None, generation_prompt=True):
+        return await self._thread.call(hf_chat_ids, self.tokenizer, messages, tools, template, generation_prompt)
 
     def chat_template(self):
         return getattr(self.tokenizer, "chat_template", None)
 
-    async def encode_text(self, text):
-        return await self._thread.call(lambda: self.tokenizer(text)["input_ids"])
+    async def encode_text(self, text, special=True):
+        return await self._thread.call(lambda: self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     async def decode(self, ids: list[int]) -> str:
         """Token ids back to text (token-id input of embeddings), on the model's thread."""
@@ -246,23 +251,44 @@ class TransformersBackend(Backend):
         return self._grammar_compiler
 
     async def embed(self, inputs: list[str]) -> Embeddings:
-        return await self._embedder.embed(inputs)
+        return await self._embedder.run(inputs)
+
+    async def score(self, pairs: list[tuple[str, str]]) -> Scores:
+        return await self._embedder.run(pairs)
+
+    def _score_sync(self, pairs: list[tuple[str, str]]) -> Scores:
+        """One forward pass of the cross-encoder over the pairs, each read as the tokenizer pairs
+        two texts ([CLS] query [SEP] document [SEP] for BERT), as vLLM's score task reads them."""
+        torch = self._torch
+        batch = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], padding=True, truncation=False,
+                               return_tensors="pt")
+        lengths = self._within_context(batch["attention_mask"], "documents")
+        with torch.no_grad():
+            logits = self.model(**batch).logits.float()
+        # one label: its sigmoid (vLLM's score activation); several: the last label's probability
+        scores = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)[:, -1]
+        return Scores(scores.tolist(), lengths)
+
+    def _within_context(self, mask, param: str) -> list[int]:
+        """Each input's token count; an input past the model's context is a BadInput naming ``param``."""
+        lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+        too_long = [i for i, n in enumerate(lengths) if n > self._ctx]
+        if too_long:
+            i = too_long[0]
+            raise BadInput(
+                f"{param}[{i}] has {lengths[i]} tokens, more than this model's maximum of {self._ctx}; "
+                "shorten or split it.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return lengths
 
     def _embed_sync(self, inputs: list[str]) -> Embeddings:
         torch = self._torch
         args = self.config.transformers
         batch = self.tokenizer(inputs, padding=True, truncation=False, return_tensors="pt")
         mask = batch["attention_mask"]
-        lengths = mask.sum(dim=1).tolist()
-        too_long = [i for i, n in enumerate(lengths) if n > self._ctx]
-        if too_long:
-            i = too_long[0]
-            raise BadInput(
-                f"input[{i}] has {lengths[i]} tokens, more than this model's maximum of {self._ctx}; "
-                "shorten or split it.",
-                param="input",
-                code="context_length_exceeded",
-            )
+        lengths = self._within_context(mask, "input")
         with torch.no_grad():
             hidden = self.model(**batch).last_hidden_state
         if args.pooling == "cls":
@@ -272,7 +298,7 @@ class TransformersBackend(Backend):
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
         if args.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return Embeddings(pooled.float().tolist(), [int(n) for n in lengths])
+        return Embeddings(pooled.float().tolist(), lengths)
 
 
 @dataclass

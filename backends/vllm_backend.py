@@ -4,6 +4,11 @@ Many requests are in flight at once and batched continuously by the engine. Prom
 arrive as token ids (rendered with the tokenizer's chat template by encode_chat), so
 the engine does no second tokenization. Closing a stream aborts its request in the
 engine at once.
+
+A cross-encoder alias (task "rerank") runs on vLLM's pooling runner: each (query, document) pair
+is tokenized here as vLLM's own score route does (the tokenizer's text pair, token type ids
+passed on compressed) and scored with the "classify" pooling task; the engine batches
+concurrent pairs by itself.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from .args import VllmArgs
-from .base import CHAT, COMPLETION, Backend, Delta, SamplingParams, TokenLogprob, release_memory
+from .base import CHAT, COMPLETION, RERANK, Backend, Delta, SamplingParams, Scores, TokenLogprob, release_memory
 from .convert import gguf_to_hf_dir
 from . import faults
 from .errors import BadInput, EngineFailure, NotInstalled
@@ -97,6 +102,11 @@ class VllmBackend(Backend):
         fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         kwargs = engine_kwargs(args, str(location), fields)
         kwargs["trust_remote_code"] = self.config.trust_remote_code  # off unless the alias says so
+        if self.config.task == "rerank":
+            kwargs["runner"] = "pooling"
+        elif self.config.task == "embed":
+            raise BadInput(f"Model {self.alias!r}: embeddings (task: embed) are not served on vLLM here; serve the "
+                           "alias on Transformers or llama.cpp.", param="task")
         if self.config.tokenizer:
             kwargs["tokenizer"] = self.config.tokenizer
         if args.tensor_parallel_size > 1 and os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
@@ -124,6 +134,8 @@ class VllmBackend(Backend):
         await asyncio.to_thread(release_memory)
 
     def capabilities(self) -> set[str]:
+        if self.config.task == "rerank":
+            return {RERANK}
         caps = {COMPLETION}
         if self.chat_template() or self.config.chat_template:  # the model's own, or the alias's
             caps.add(CHAT)
@@ -134,7 +146,8 @@ class VllmBackend(Backend):
 
     def describe(self):
         info = super().describe()
-        info["kv_cache"] = self.kv_cache_facts()
+        if self.config.task != "rerank":  # a pooling model keeps no KV cache to report
+            info["kv_cache"] = self.kv_cache_facts()
         return info
 
     def kv_cache_facts(self) -> dict:
@@ -163,14 +176,14 @@ class VllmBackend(Backend):
 
     # templates and tokenizing (prompts up to limits.max_prompt_chars) run on a thread of their
     # own, off the event loop; one thread, as a Hugging Face tokenizer is not safe to share
-    async def encode_chat(self, messages, tools=None, template=None):
-        return await self._tokenizing.call(hf_chat_ids, self.tokenizer, messages, tools, template)
+    async def encode_chat(self, messages, tools=None, template=None, generation_prompt=True):
+        return await self._tokenizing.call(hf_chat_ids, self.tokenizer, messages, tools, template, generation_prompt)
 
     def chat_template(self):
         return getattr(self.tokenizer, "chat_template", None)
 
-    async def encode_text(self, text):
-        return await self._tokenizing.call(lambda: self.tokenizer(text)["input_ids"])
+    async def encode_text(self, text, special=True):
+        return await self._tokenizing.call(lambda: self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     async def decode(self, ids: list[int]) -> str:
         """Token ids back to text (the echo of a token-id prompt), on the tokenizer's thread."""
@@ -178,6 +191,42 @@ class VllmBackend(Backend):
 
     def vocab_size(self) -> int:
         return self.engine.model_config.get_vocab_size()
+
+    async def score(self, pairs: list[tuple[str, str]]) -> Scores:
+        engine = self.engine
+        if engine is None:
+            raise EngineFailure("The model was unloaded before this request started.")
+        prompts = await self._tokenizing.call(self._pair_prompts, pairs)
+        # every pair its own engine request, all in flight at once: a client that leaves cancels
+        # them, and vLLM's encode aborts each one it had taken
+        outputs = await asyncio.gather(*(self._classify(engine, prompt, params) for prompt, params in prompts))
+        return Scores([float(o.outputs.data[-1]) for o in outputs], [len(p["prompt_token_ids"]) for p, _ in prompts])
+
+    def _pair_prompts(self, pairs: list[tuple[str, str]]) -> list:
+        from vllm import PoolingParams
+        from vllm.entrypoints.pooling.scoring.utils import compress_token_type_ids
+        from vllm.inputs import TokensPrompt
+
+        prompts = []
+        for i, (query, document) in enumerate(pairs):
+            enc = self.tokenizer(text=query, text_pair=document)
+            ids = enc["input_ids"]
+            if len(ids) > self._ctx:
+                raise BadInput(f"documents[{i}] has {len(ids)} tokens with the query, more than this model's maximum "
+                               f"of {self._ctx}; shorten or split it.", param="documents",
+                               code="context_length_exceeded")
+            extra = None
+            if enc.get("token_type_ids") is not None:
+                extra = {"compressed_token_type_ids": compress_token_type_ids(enc["token_type_ids"])}
+            prompts.append((TokensPrompt(prompt_token_ids=ids), PoolingParams(task="classify", extra_kwargs=extra)))
+        return prompts
+
+    @staticmethod
+    async def _classify(engine, prompt, params):
+        last = None
+        async for out in engine.encode(prompt, params, uuid.uuid4().hex):
+            last = out
+        return last
 
     def failure(self):
         if self.engine is not None and self.engine.errored:
@@ -276,7 +325,9 @@ class VllmBackend(Backend):
                     prompt_logprobs = await self._tokenizing.call(self._prompt_logprobs, prompt_ids, out.prompt_logprobs,
                                                                   params.prompt_logprobs)
                 first = False
-                yield Delta(c.text, count, reason, logprobs, prompt_logprobs)
+                # vLLM's stop_reason: the stop string that ended it (a token id for stop_token_ids: none here)
+                stop = c.stop_reason if finished and isinstance(c.stop_reason, str) else None
+                yield Delta(c.text, count, reason, logprobs, prompt_logprobs, stop)
         finally:
             if not finished and engine is self.engine:  # client gone or stop found: free the engine at once
                 try:

@@ -64,7 +64,9 @@ class ModelConfig(_Strict):
     gguf_file: Optional[str] = None  # a .gguf inside a directory source (Transformers / vLLM)
     tokenizer: Optional[str] = None
     backend: Optional[BackendName] = None
-    task: Literal["generate", "embed"] = "generate"
+    # rerank: a cross-encoder (a ...ForSequenceClassification model) for /v1/rerank and /v1/score;
+    # embed aliases serve those too, by cosine similarity
+    task: Literal["generate", "embed", "rerank"] = "generate"
     preload: bool = False
     description: str = ""
     # sequences running plus queued at once (a request asking for n choices counts n); past it a
@@ -141,6 +143,12 @@ class ModelConfig(_Strict):
     def pending_limit(self) -> int:
         return self.max_pending or 8 * self.concurrency()
 
+    def score_type(self) -> Optional[str]:
+        """How /v1/rerank and /v1/score score with this alias, in vLLM's words: "cross-encoder" (the
+        model reads each query-document pair), "bi-encoder" (cosine similarity of embeddings), or
+        None (a generation alias cannot)."""
+        return {"rerank": "cross-encoder", "embed": "bi-encoder"}.get(self.task)
+
 
 class Limits(_Strict):
     max_tokens: int = Field(4096, ge=1)  # largest max_tokens a request may ask for
@@ -152,6 +160,7 @@ class Limits(_Strict):
     # unloads idle models, least recently used first, and is refused (507) when that is not enough
     memory_budget_bytes: Optional[int] = Field(None, ge=1)
     max_embedding_inputs: int = Field(256, ge=1)
+    max_rerank_documents: int = Field(256, ge=1)  # documents of one rerank, or pairs of one score request
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies get a 413
     request_timeout: float = Field(600, gt=0)  # seconds a generation may take once admitted (and may wait before)
     stall_timeout: float = Field(120, gt=0)  # seconds without a new token before a generation is ended

@@ -8,7 +8,7 @@ import importlib
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from backends import errors as engine_errors
 from backends.base import Backend
@@ -87,6 +87,7 @@ class ModelManager:
                 "owned_by": "llmserve",
                 "backend": cfg.chosen_backend(),
                 "task": cfg.task,
+                "score_type": cfg.score_type(),  # how /v1/rerank and /v1/score serve it (None: they do not)
                 "loaded": backend is not None,
                 "loading": alias in self._loading,
                 "loading_since": self._loading.get(alias),
@@ -315,10 +316,10 @@ class ModelManager:
 
     # -- serving ------------------------------------------------------------------------
     @asynccontextmanager
-    async def use(self, alias: str, capability: str, sequences: int = 1) -> AsyncIterator[Backend]:
-        """The loaded backend for ``alias``, checked for ``capability``, counted as busy: one request
-        of ``sequences`` sequences (a request's ``n`` choices), which is what max_pending counts, as
-        each is a sequence the engine decodes."""
+    async def use(self, alias: str, capability: Optional[str], sequences: int = 1) -> AsyncIterator[Backend]:
+        """The loaded backend for ``alias``, checked for ``capability`` (None: any alias serves it,
+        e.g. tokenizing), counted as busy: one request of ``sequences`` sequences (a request's ``n``
+        choices), which is what max_pending counts, as each is a sequence the engine decodes."""
         cfg = self.config(alias)
         backend = self.loaded.get(alias)
         if backend is None:
@@ -348,7 +349,7 @@ class ModelManager:
             self.errors[alias] = failure
             raise EngineError(f"Model {alias!r} cannot serve: {failure}. POST /models/{alias}/load starts it "
                               "again.", status=503, code="engine_failed")
-        if capability not in backend.capabilities():
+        if capability is not None and capability not in backend.capabilities():
             can = ", ".join(sorted(backend.capabilities())) or "nothing"
             raise InvalidRequest(
                 f"Model {alias!r} ({backend.name}, task {cfg.task}) does not support {capability}; "

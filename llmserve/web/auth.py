@@ -88,8 +88,8 @@ class NativeAPIKeys:
     pass through this app's routes (pure ASGI, in front of the BentoML service)."""
 
     ADMIN = {"/load_model", "/unload_model"}
-    INFERENCE = {"/chat", "/complete", "/embed", "/respond", "/messages", "/rerank", "/score", "/tokenize", "/detokenize",
-                 "/list_models"}
+    INFERENCE = {"/chat", "/complete", "/embed", "/respond", "/messages", "/rerank", "/v2/rerank", "/score", "/tokenize",
+                 "/detokenize", "/list_models"}
 
     def __init__(self, app, settings):
         self.app, self.settings = app, settings

@@ -1,0 +1,99 @@
+"""Request bodies of the retrieval API (rerank, score, tokenize, detokenize), pydantic only.
+
+The shapes vLLM's and llama.cpp's servers accept: rerank in the Cohere / Jina shape (``query``,
+``documents`` as strings or ``{"text": ...}``, ``top_n``, ``return_documents``), score with vLLM's
+``text_1`` / ``text_2`` pairing, tokenize with vLLM's two bodies (``prompt``, or ``messages`` with
+``add_generation_prompt``). The same models type the BentoML native APIs in service.py.
+Unknown fields are ignored, as in llmserve/schemas.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import Field, StrictInt, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .schemas import ChatMessage, Tool, _Body, _NullIsUnset
+
+
+class TextDocument(_NullIsUnset):
+    text: str
+
+
+class RerankRequest(_Body):
+    model: Optional[str] = Field(None, description="alias of a rerank or embedding model; embedding_model when empty")
+    query: str = Field(..., min_length=1)
+    documents: list[Union[str, TextDocument]] = Field(..., min_length=1)
+    top_n: Optional[StrictInt] = Field(None, ge=0, description="the n most relevant; 0 or none: all (as vLLM)")
+    return_documents: bool = False
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class ScoreRequest(_Body):
+    """vLLM's pairing: one text_1 with each text_2 (1:N), or text_1[i] with text_2[i] (N:N)."""
+
+    model: Optional[str] = Field(None, description="alias of a rerank or embedding model; embedding_model when empty")
+    text_1: Union[str, list[str]]
+    text_2: Union[str, list[str]]
+
+    @model_validator(mode="after")
+    def _pairs_match(self) -> "ScoreRequest":
+        one, two = self.firsts(), self.seconds()
+        if not one:
+            raise _invalid("text_1", "must not be empty")
+        if not two:
+            raise _invalid("text_2", "must not be empty")
+        if len(one) > 1 and len(one) != len(two):
+            raise _invalid("text_2", f"text_1 has {len(one)} texts and text_2 {len(two)}: give one text_1 for all "
+                                     "text_2 (1:N) or as many of each (N:N)")
+        return self
+
+    def firsts(self) -> list[str]:
+        return [self.text_1] if isinstance(self.text_1, str) else self.text_1
+
+    def seconds(self) -> list[str]:
+        return [self.text_2] if isinstance(self.text_2, str) else self.text_2
+
+    def pairs(self) -> list[tuple[str, str]]:
+        one, two = self.firsts(), self.seconds()
+        return list(zip(one * len(two) if len(one) == 1 else one, two))
+
+
+class TokenizeRequest(_Body):
+    """vLLM's TokenizeCompletionRequest (``prompt``) or TokenizeChatRequest (``messages``) in one
+    body: exactly one of the two."""
+
+    model: Optional[str] = Field(None, description="alias; default_model when empty")
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    tools: Optional[list[Tool]] = None  # rendered by the chat template, as the chat route does
+    # default: true for a prompt, false for messages (the chat template writes them), as in vLLM
+    add_special_tokens: Optional[bool] = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise _invalid("prompt", "give exactly one of `prompt` or `messages`")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: Optional[str] = Field(None, description="alias; default_model when empty")
+    tokens: list[StrictInt]
+
+    @field_validator("tokens")
+    @classmethod
+    def _ids(cls, v: list[int]) -> list[int]:
+        if any(t < 0 for t in v):
+            raise ValueError("token ids must not be negative")
+        return v
+
+
+def _invalid(field: str, message: str) -> PydanticCustomError:
+    """A check of the whole body that names the field at fault (llmserve.errors reads ``field``)."""
+    return PydanticCustomError("invalid_value", message, {"field": field})
