@@ -19,9 +19,11 @@ import bentoml
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from llmserve.anthropic_schemas import MessagesRequest
 from llmserve.config import load_settings
 from llmserve.metrics import metrics_endpoint
 from llmserve.errors import to_api_error
+from llmserve.web.anthropic import error_response as anthropic_error
 from llmserve.web.app import app
 from llmserve.web.auth import NativeAPIKeys
 from llmserve.web.middleware import BodyLimit, ByteOrderMark, ControlCharacterPaths
@@ -49,9 +51,10 @@ def openai_api(input_spec):
     return decorate
 
 
-async def as_response(make, ctx: bentoml.Context | None = None) -> Response:
+async def as_response(make, ctx: bentoml.Context | None = None, errors=error_response) -> Response:
     """The operation's answer as the /v1 route gives it; with the API's context, the work stops
-    when the client leaves before the answer is ready (as on /v1: web.responding.while_connected)."""
+    when the client leaves before the answer is ready (as on /v1: web.responding.while_connected).
+    ``errors`` renders a failure in its family's shape (OpenAI's, or Anthropic's for /messages)."""
     try:
         request = ctx.request if ctx is not None else None
     except LookupError:  # called in-process, outside an HTTP request: no client to watch, no status
@@ -62,7 +65,7 @@ async def as_response(make, ctx: bentoml.Context | None = None) -> Response:
         err = to_api_error(exc)
         if err is None:
             raise
-        response = error_response(err)  # a 429 keeps its Retry-After here too
+        response = errors(err)  # a 429 keeps its Retry-After here too
     else:
         response = JSONResponse(result) if isinstance(result, dict) else respond(result)
     if request is not None:  # BentoML answers with the context's status when an API takes it
@@ -123,6 +126,12 @@ class LLMService:
         """Responses API; the fields of OpenAI's /v1/responses body."""
         return await as_response(lambda: self.runtime.responses.create(ResponsesRequest.model_validate(body)), ctx)
 
+    @openai_api(MessagesRequest)
+    async def messages(self, ctx: bentoml.Context, **body) -> str:
+        """Anthropic Messages API; the fields of Anthropic's /v1/messages body, errors in its shape."""
+        return await as_response(lambda: self.runtime.anthropic.create(MessagesRequest.model_validate(body)), ctx,
+                                 anthropic_error)
+
     # -- retrieval (llmserve/web/retrieval.py has them under /v1): vLLM's root-level paths, same bodies
     @bentoml.api(input_spec=RerankRequest)
     async def rerank(self, ctx: bentoml.Context, **body) -> dict:
@@ -163,7 +172,7 @@ class LLMService:
 
 
 LLMService.add_asgi_middleware(GenerationRouteSpans)
-LLMService.add_asgi_middleware(NativeAPIKeys, settings=settings)
+LLMService.add_asgi_middleware(NativeAPIKeys, settings=settings, errors={"/messages": anthropic_error})
 # BentoML's native APIs (/chat, /embed, ...) get the body limit of the /v1 routes
 LLMService.add_asgi_middleware(BodyLimit, limit=lambda: settings.limits.max_body_bytes)
 LLMService.add_asgi_middleware(ByteOrderMark)

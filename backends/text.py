@@ -180,7 +180,7 @@ async def _cut_at_stops(deltas: AsyncIterator[Delta], stops: list[str]) -> Async
                 return
             if d.finish_reason:
                 yield Delta(text + scanner.flush(), d.completion_tokens, d.finish_reason, d.logprobs,
-                            d.prompt_logprobs)
+                            d.prompt_logprobs, d.stop_sequence)  # an engine that stops on its own says which
                 return
             if text or d.logprobs or d.prompt_logprobs:
                 yield Delta(text, d.completion_tokens, None, d.logprobs, d.prompt_logprobs)

@@ -16,6 +16,7 @@ from .config import Settings
 from .logs import listening_address, log_startup, setup_logging
 from .manager import ModelManager
 from .serving import OpenAIOperations
+from .serving.anthropic import AnthropicOperations
 from .serving.responses import ResponsesOperations
 from .web.app import app
 from .web.middleware import BodyLimit, ControlCharacterPaths
@@ -30,6 +31,8 @@ class Runtime:
         app.state.ops = self.ops
         self.responses = ResponsesOperations(self.ops, settings)
         app.state.responses = self.responses
+        self.anthropic = AnthropicOperations(self.ops)
+        app.state.anthropic = self.anthropic
         self._preload: asyncio.Task | None = None
         _add_middleware(settings)
 

@@ -23,6 +23,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                             "parameters": {"type": "object",
                                                            "properties": {"city": {"type": "string"}}}}}]
 
+MESSAGES = {"messages": CHAT["messages"], "max_tokens": 1500, "temperature": 0.8}
+
 PATHS = {
     # path name -> (route, body): each takes a different way through the front end
     "plain": ("/v1/chat/completions", {**CHAT, "stream": True}),
@@ -32,6 +34,9 @@ PATHS = {
     "echo": ("/v1/completions", {"prompt": "Once upon a time", **LONG, "stream": True, "echo": True}),
     "non-streamed": ("/v1/chat/completions", CHAT),
     "non-streamed n>1": ("/v1/completions", {"prompt": "Once upon a time", **LONG, "n": 2}),
+    # Anthropic's Messages API, a front on the chat operation (no ignore_eos there: the story runs long)
+    "anthropic stream": ("/v1/messages", {**MESSAGES, "stream": True}),
+    "anthropic non-streamed": ("/v1/messages", MESSAGES),
     # BentoML's native APIs (service.py): the same operations behind BentoML's own routes
     "native non-streamed": ("/chat", CHAT),
     "native non-streamed completion": ("/complete", {"prompt": "Once upon a time", **LONG}),

@@ -1,6 +1,7 @@
 """Schemathesis over the service's own OpenAPI schema (/v1/openapi.json), against the session's
 real server: bodies that fit the schema and bodies that break it. No answer may be a server
-error or break the schema, and every error must be OpenAI-shaped. Bounded: a few dozen
+error or break the schema, and every error must be in its family's shape (OpenAI's; Anthropic's
+on the Messages routes). Bounded: a few dozen
 examples per route, small max_tokens; load/unload are left out (a load of an alias whose model
 is not on this machine is a legitimate 500 naming why)."""
 
@@ -14,7 +15,9 @@ from tests.conftest import GENERATIVE
 
 # the field that bounds a generation on each generating route; a body without one would generate
 # up to the end of the context (the suite caps it at 256 tokens), which took most of this test's time
-LENGTH_FIELD = {"/chat/completions": "max_tokens", "/completions": "max_tokens", "/responses": "max_output_tokens"}
+LENGTH_FIELD = {"/chat/completions": "max_tokens", "/completions": "max_tokens", "/responses": "max_output_tokens",
+                "/messages": "max_tokens"}
+ANTHROPIC_ROUTES = ("/messages", "/messages/count_tokens")
 
 
 def _bounded(path: str, body):
@@ -57,11 +60,16 @@ def test_no_input_makes_a_server_error_or_an_unshaped_error(api_schema):
             assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
             if response.status_code >= 400:
                 try:
-                    error = response.json()["error"]
+                    body = response.json()
                 except ValueError:
                     raise AssertionError(("not JSON", case.method, case.path, case.path_parameters, case.query,
                                           response.status_code, response.text[:200])) from None
-                assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+                if case.path.endswith(ANTHROPIC_ROUTES):
+                    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, response.text
+                    assert body["error"]["message"], response.text
+                else:
+                    error = body["error"]
+                    assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
 
         fuzz()
         checked.append(f"{operation.method.upper()} {operation.path}")

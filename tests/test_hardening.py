@@ -57,6 +57,24 @@ def test_admin_routes_refuse_inference_keys_with_403(guarded):
     assert client(guarded, ADMIN).post("/models/smollm2/load").status_code == 200
 
 
+def test_anthropics_clients_send_the_same_keys_as_x_api_key_and_are_refused_in_its_shape(guarded):
+    import anthropic
+
+    body = {"model": "smollm2", "max_tokens": 2, "messages": CHAT["messages"]}
+    for key in (None, "wrong"):
+        r = httpx.post(f"{guarded.url}/v1/messages", json=body, headers={"x-api-key": key} if key else {})
+        assert r.status_code == 401 and r.json()["type"] == "error", r.text
+        assert r.json()["error"]["type"] == "authentication_error" and "x-api-key" in r.json()["error"]["message"]
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=guarded.url, api_key="wrong", max_retries=0).messages.create(**body)
+    for key in (INFERENCE, ADMIN):  # the SDK sends its key as x-api-key
+        m = anthropic.Anthropic(base_url=guarded.url, api_key=key, max_retries=0).messages.create(**body)
+        assert m.usage.output_tokens > 0
+    assert client(guarded, INFERENCE).post("/v1/messages", json=body).status_code == 200  # Bearer works too
+    assert httpx.post(f"{guarded.url}/messages", json=body).status_code == 401  # the native API
+    assert httpx.post(f"{guarded.url}/messages", json=body, headers={"x-api-key": INFERENCE}).status_code == 200
+
+
 def test_bentomls_native_apis_take_the_same_keys(guarded):
     assert client(guarded).post("/chat", json=CHAT).status_code == 401
     assert client(guarded, INFERENCE).post("/load_model", json={"name": "smollm2"}).status_code == 403

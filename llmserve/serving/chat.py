@@ -3,10 +3,12 @@ template and tool format (llmserve/tools/), then the shared generation."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from backends.base import CHAT
 
 from .. import tools
-from ..errors import InvalidRequest
+from ..errors import APIError, InvalidRequest, to_api_error
 from ..schemas import ChatCompletionRequest
 from .chunks import Shape
 from .generation import GenerationServing, Prompt, Result
@@ -38,3 +40,14 @@ class ChatServing(GenerationServing):
 
         shape = Shape(chat=True, calls=calls, logprobs=req.logprobs_k() is not None)
         return await self._generate(alias, CHAT, req, encode, shape, "messages", calls)
+
+    async def chat_for(self, req: ChatCompletionRequest, rename: Callable[[APIError], APIError]) -> Result:
+        """chat() on behalf of another API front (Responses, Anthropic): a refusal names the field
+        of that front's request (``rename``) instead of the chat field it became."""
+        try:
+            return await self.chat(req)
+        except Exception as exc:
+            err = to_api_error(exc)
+            if err is None:
+                raise
+            raise rename(err) from exc

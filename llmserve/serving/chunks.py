@@ -50,10 +50,11 @@ class Shape:
 
     # -- whole answers ----------------------------------------------------------------------
     def choice(self, i: int, text: str, finish: str, logprobs: list[TokenLogprob],
-               prompt_logprobs: Optional[list] = None) -> dict[str, Any]:
+               prompt_logprobs: Optional[list] = None, stop: Optional[str] = None) -> dict[str, Any]:
         if not self.output:
             text, logprobs = "", []
-        c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": None}
+        # stop_reason, as vLLM writes it: the stop sequence that ended the choice, else null
+        c: dict[str, Any] = {"index": i, "finish_reason": finish, "stop_reason": stop, "logprobs": None}
         if not self.chat:
             c["text"] = self.echoed(i) + text
             c["logprobs"] = self._text_logprobs(i, logprobs, prompt_logprobs, 0 if self.prompt_logprobs else None)
@@ -94,13 +95,13 @@ class Shape:
         if self.output and (d.text or d.logprobs or not d.finish_reason):
             out.append(self._piece(i, d.text, self._logprobs(i, d.logprobs or [])))
         if d.finish_reason:
-            out.append(self.finish_chunk(i, d.finish_reason))
+            out.append(self.finish_chunk(i, d.finish_reason, d.stop_sequence))
         return out
 
-    def finish_chunk(self, i: int, finish: str) -> dict[str, Any]:
+    def finish_chunk(self, i: int, finish: str, stop: Optional[str] = None) -> dict[str, Any]:
         if self.chat:
-            return {"index": i, "delta": {}, "finish_reason": finish, "logprobs": None}
-        return {"index": i, "text": "", "finish_reason": finish, "logprobs": None}
+            return {"index": i, "delta": {}, "finish_reason": finish, "stop_reason": stop, "logprobs": None}
+        return {"index": i, "text": "", "finish_reason": finish, "stop_reason": stop, "logprobs": None}
 
     def call_chunks(self, i: int, d: Delta, parser: tools.CallParser) -> list[dict[str, Any]]:
         """The chunks of one step of an answer that may call tools: content, a call's id and
@@ -113,7 +114,7 @@ class Shape:
             out[0]["logprobs"] = self._chat_logprobs(d.logprobs)
         if d.finish_reason:
             finish = "tool_calls" if d.finish_reason == "stop" and parser.calls else d.finish_reason
-            out.append(self.finish_chunk(i, finish))
+            out.append(self.finish_chunk(i, finish, d.stop_sequence))
         return out
 
     def _piece(self, i: int, text: str, logprobs: Optional[dict[str, Any]]) -> dict[str, Any]:

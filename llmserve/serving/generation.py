@@ -82,7 +82,7 @@ class GenerationServing(Serving):
             else:
                 chunks = self._stream_choices(release, backend, streams, meta, prompt_tokens, metrics, shape,
                                               include_usage, deadline)
-            return EventStream(chunks, release)
+            return EventStream(chunks, release, prompt_tokens)
         try:
             # a TaskGroup, not gather: when one choice fails (or the caller is cancelled: its
             # client left) the other choices are cancelled too, which stops their engine work
@@ -98,7 +98,7 @@ class GenerationServing(Serving):
         results = [t.result() for t in tasks]
         completion = 0 if not shape.output else sum(r.last.completion_tokens for r in results)
         return {**meta, "choices": [shape.choice(i, r.text, r.last.finish_reason or "stop", r.logprobs,
-                                                 r.prompt_logprobs)
+                                                 r.prompt_logprobs, r.last.stop_sequence)
                                     for i, r in enumerate(results)],
                 "usage": usage(prompt_tokens, completion)}
 
@@ -143,7 +143,8 @@ class GenerationServing(Serving):
                         if d.finish_reason:  # in a chunk of its own, with no text, as OpenAI sends it
                             status = d.finish_reason
                             watch.yielding()
-                            yield sse_event({**meta, "choices": [shape.finish_chunk(0, d.finish_reason)]})
+                            yield sse_event({**meta, "choices": [shape.finish_chunk(0, d.finish_reason,
+                                                                                    d.stop_sequence)]})
                             watch.resume()
             except TimeoutError:
                 raise deadline.error() from None
@@ -286,8 +287,9 @@ class EventStream:
     """The SSE events of a streamed answer, with ``aclose`` releasing what it holds even when
     the events were never asked for (a generator that never started never runs its finally)."""
 
-    def __init__(self, events: AsyncIterator[str], release: Release):
+    def __init__(self, events: AsyncIterator[str], release: Release, prompt_tokens: int = 0):
         self.events, self.release = events, release
+        self.prompt_tokens = prompt_tokens  # known before the first event (Anthropic's message_start says it)
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self.events

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Optional, Union
 from pydantic import ValidationError
 
 from ..config import Settings
-from ..errors import APIError, InvalidRequest, to_api_error, validation_error_to_api_error
+from ..errors import APIError, InvalidRequest, validation_error_to_api_error
 from . import OpenAIOperations
 from .generation import EventStream
 from ..response_store import ResponseStore, default_path
@@ -66,13 +66,7 @@ class ResponsesOperations:
         items = history + new_items
         chat_req = _chat_request(req, alias, tools, _messages(req.instructions, items, len(history)))
         run = Run(req, alias, tools, [i.model_dump(by_alias=True) for i in items])
-        try:
-            result = await self.chat.chat(chat_req)
-        except Exception as exc:
-            err = to_api_error(exc)
-            if err is None:
-                raise
-            raise _renamed(err) from exc
+        result = await self.chat.chat_for(chat_req, _renamed)
         if not isinstance(result, dict):  # EventStream: its release runs even if the events never start
             return EventStream(self._stream(run, result), result.release)
         choice = result["choices"][0]

@@ -19,6 +19,15 @@ def _matches(key: bytes, keys: list[bytes]) -> bool:
     return bool(key) and sum(hmac.compare_digest(key, k) for k in keys) > 0
 
 
+def credentials(headers: Mapping[str, str]) -> str:
+    """The key a request presents, as an Authorization value: ``Authorization: Bearer`` (OpenAI's
+    clients), else ``x-api-key`` (Anthropic's SDK sends its key there)."""
+    authorization = headers.get("authorization", "")
+    if not authorization and headers.get("x-api-key"):
+        return f"Bearer {headers['x-api-key']}"
+    return authorization
+
+
 def authorize(settings, authorization: str, admin: bool) -> None:
     """Keys, when set: inference routes and the model list take an inference or admin key;
     load / unload take an admin key when any is set (else what the inference routes take)."""
@@ -31,10 +40,11 @@ def authorize(settings, authorization: str, admin: bool) -> None:
         if _matches(key, inference):
             raise Forbidden("This key may use the inference routes only; loading and unloading models needs an "
                             "admin key (LLMSERVE_ADMIN_KEYS).", code="insufficient_permissions")
-        raise Unauthorized("Missing or wrong admin key: send `Authorization: Bearer <admin key>`.",
+        raise Unauthorized("Missing or wrong admin key: send `Authorization: Bearer <admin key>` (or `x-api-key`).",
                            code="invalid_api_key")
     if inference and not _matches(key, inference + admins):
-        raise Unauthorized("Missing or wrong API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
+        raise Unauthorized("Missing or wrong API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`).",
+                           code="invalid_api_key")
 
 
 def may_load(settings, authorization: str) -> bool:
@@ -55,12 +65,12 @@ def check_keys(settings, authorization: str, admin: bool) -> None:
 
 async def check_api_key(request: Request) -> None:
     # async: a plain function would run in a worker thread, and MAY_LOAD would not reach the route
-    check_keys(request.app.state.ops.settings, request.headers.get("authorization", ""), admin=False)
+    check_keys(request.app.state.ops.settings, credentials(request.headers), admin=False)
 
 
 def check_admin_key(request: Request) -> None:
     settings = request.app.state.ops.settings
-    authorize(settings, request.headers.get("authorization", ""), admin=True)
+    authorize(settings, credentials(request.headers), admin=True)
     refuse_cross_site(settings, request.headers)
 
 
@@ -91,18 +101,19 @@ class NativeAPIKeys:
     INFERENCE = {"/chat", "/complete", "/embed", "/respond", "/messages", "/rerank", "/v2/rerank", "/score", "/tokenize",
                  "/detokenize", "/list_models"}
 
-    def __init__(self, app, settings):
-        self.app, self.settings = app, settings
+    def __init__(self, app, settings, errors=None):
+        # path -> how its refusals are written, for APIs of another family than OpenAI's
+        self.app, self.settings, self.errors = app, settings, errors or {}
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
         if scope["type"] == "http" and (path in self.ADMIN or path in self.INFERENCE):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
             try:
-                check_keys(self.settings, headers.get("authorization", ""), admin=path in self.ADMIN)
+                check_keys(self.settings, credentials(headers), admin=path in self.ADMIN)
                 # BentoML reads any body as JSON (text/plain too: no preflight), so a page of another
                 # site could load a model on demand through /chat as well as through /load_model
                 refuse_cross_site(self.settings, headers)
             except APIError as exc:
-                return await error_response(exc)(scope, receive, send)
+                return await self.errors.get(path, error_response)(exc)(scope, receive, send)
         await self.app(scope, receive, send)
