@@ -210,6 +210,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
+    # vLLM's extension: the answer continues the last (assistant) message instead of opening a new
+    # turn (a prefill: Anthropic's final assistant turn); the answer holds the continuation only
+    continue_final_message: bool = False
     # OpenAI fields this server does not implement: a request using them gets a 400 naming them
     functions: Any = None
     function_call: Any = None
@@ -222,6 +225,10 @@ class ChatCompletionRequest(SamplingFields):
     def _consistent(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.continue_final_message and (self.messages[-1].role != "assistant" or self.messages[-1].tool_calls):
+            raise PydanticCustomError("continue_final_message", "continue_final_message continues the last "
+                                      "message: it must be an assistant message with content and no tool_calls",
+                                      {"field": "continue_final_message"})
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice needs `tools`")
         if isinstance(self.tool_choice, NamedToolChoice):

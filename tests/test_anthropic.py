@@ -138,6 +138,25 @@ def test_a_stop_sequence_ends_the_answer_and_is_named(claude, alias):
                                                                                cut.content[0].text)
 
 
+def test_a_final_assistant_turn_is_a_prefill_the_answer_continues(claude, oai, alias):
+    free = claude.messages.create(model=alias, max_tokens=24, messages=QUESTION, extra_body=GREEDY).content[0].text
+    words = free.split(" ")
+    assert len(words) >= 4, free
+    prefill = " ".join(words[:2])  # what the model wrote first: the same tokens as it would have made
+    prefilled = QUESTION + [{"role": "assistant", "content": prefill}]
+    m = claude.messages.create(model=alias, max_tokens=22, messages=prefilled, extra_body=GREEDY)
+    rest = m.content[0].text
+    assert free.startswith(prefill + rest[:12]), (free, prefill, rest)  # greedy: it writes on as before
+    assert claude.messages.count_tokens(model=alias, messages=prefilled).input_tokens == m.usage.input_tokens
+    # the chat route takes the same as vLLM's continue_final_message
+    chat = oai.chat.completions.create(model=alias, messages=prefilled, max_tokens=22, temperature=0,
+                                       extra_body={"continue_final_message": True})
+    assert chat.choices[0].message.content == rest
+    with pytest.raises(Exception, match="continue_final_message"):
+        oai.chat.completions.create(model=alias, messages=QUESTION, max_tokens=2,
+                                    extra_body={"continue_final_message": True})
+
+
 def test_max_tokens_cuts_the_answer_with_stop_reason_max_tokens(claude, alias):
     m = claude.messages.create(model=alias, max_tokens=3, messages=[{"role": "user", "content": "Tell me a story."}],
                                extra_body=GREEDY)

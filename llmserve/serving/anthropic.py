@@ -125,6 +125,8 @@ def chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
         if text or not any(isinstance(b, ToolResultBlock) for b in blocks):
             messages.append({"role": "user", "content": text})
     body: dict[str, Any] = {"model": req.model, "messages": messages}
+    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+        body["continue_final_message"] = True  # a prefill: the answer continues the assistant's text
     tools = req.tool_defs()
     if tools:
         body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,

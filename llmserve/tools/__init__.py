@@ -85,6 +85,15 @@ class ChatTools:
             return await self._encode(backend, [first, *messages[2:]], tools)
 
     async def _encode(self, backend, messages, tools):
+        if self.req.continue_final_message:
+            # the turns before, up to the assistant's opening, then the prefill's own tokens: the
+            # model writes on from there (templates differ in how they close a last assistant turn)
+            *messages, last = messages
+            head = await self._encode_turns(backend, messages, tools)
+            return head + await backend.encode_text(last.get("content") or "", special=False)
+        return await self._encode_turns(backend, messages, tools)
+
+    async def _encode_turns(self, backend, messages, tools):
         if tools is None and self.template is None:  # engines of one's own may take messages only
             return await backend.encode_chat(messages)
         return await backend.encode_chat(messages, tools=tools, template=self.template)
