@@ -118,14 +118,14 @@ class RetrievalServing(Serving):
 
     @staticmethod
     async def _engine_call(backend: Backend, work, param: Optional[str] = None):
-        """An engine call's answer; its errors as API errors (an input the engine names "input"
-        is the request's ``param``: the embedding path's words are not this route's)."""
+        """An engine call's answer; its errors as API errors (the input an engine names, "input"
+        of embeddings or "documents" of a cross-encoder, is the request's ``param``)."""
         try:
             return await work
         except Exception as exc:
             err = to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")
-            if param and err.param == "input":
-                err.param, err.message = param, err.message.replace("input[", f"{param}[", 1)
+            if param and err.param in ("input", "documents"):
+                err.param, err.message = param, err.message.replace(f"{err.param}[", f"{param}[", 1)
             raise err from exc
 
     def _check_documents(self, count: int, chars: int, param: str) -> None:
