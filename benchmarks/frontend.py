@@ -3,6 +3,7 @@ bare FastAPI/uvicorn SSE endpoint streaming the same chunks.
 
     .venv/bin/python benchmarks/frontend.py                          # c = 1 and 64, 15 s each
     .venv/bin/python benchmarks/frontend.py --concurrency 64 --duration 30 --variants default no-bentoml-metrics
+    .venv/bin/python benchmarks/frontend.py --api chat messages      # the Anthropic front beside chat
 
 Targets, each a fresh server on 127.0.0.1 (llmserve.launcher):
   bare     benchmarks/stub_server.py --rate 0 (FastAPI + uvicorn, nothing else)
@@ -11,7 +12,8 @@ Targets, each a fresh server on 127.0.0.1 (llmserve.launcher):
            or with BentoML's HTTP metrics and access log off (`no-bentoml-metrics`:
            configuration.yaml's service.http_metrics / service.access_log false).
 An asyncio client keeps ``c`` streams open for the duration (each one chat of --tokens chunks
-after another) and counts chunks. Reported: chunks/s, wall microseconds per chunk, and the
+after another: /v1/chat/completions, or with --api messages Anthropic's /v1/messages, whose
+events the service makes from the same chat stream) and counts chunks (SSE events). Reported: chunks/s, wall microseconds per chunk, and the
 server's CPU microseconds per chunk (its process tree's CPU time over the chunks it sent):
 the last is the front end's cost, whatever the client's share of the cores. Also the client's
 own CPU per chunk and chunks per network read (on 2 cores the one-process client is often the
@@ -62,10 +64,17 @@ def bare_server(log_path: Path) -> ServerProcess:
     return ServerProcess(cmd, port, log_path, {}, "/health")
 
 
-async def load(url: str, concurrency: int, duration: float, tokens: int) -> tuple[int, float, int]:
+APIS = {  # route and body of each front's streamed request
+    "chat": ("/v1/chat/completions", {"ignore_eos": True, "stream_options": {"include_usage": True}}),
+    "messages": ("/v1/messages", {}),  # the stub engine never ends early: no ignore_eos needed
+}
+
+
+async def load(url: str, concurrency: int, duration: float, tokens: int, api: str = "chat") -> tuple[int, float, int]:
     """Chunks received, seconds taken and network reads, ``concurrency`` streams at a time."""
+    route, extra = APIS[api]
     body = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            **extra}
     chunks = reads = 0
     stop_at = time.perf_counter() + duration
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -74,7 +83,7 @@ async def load(url: str, concurrency: int, duration: float, tokens: int) -> tupl
         async def user():
             nonlocal chunks, reads
             while time.perf_counter() < stop_at:
-                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                async with client.stream("POST", route, json=body) as r:
                     r.raise_for_status()
                     async for raw in r.aiter_raw():
                         chunks += raw.count(b"data: ")
@@ -107,20 +116,22 @@ def profile(server: ServerProcess, args, path: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def measure(name: str, server: ServerProcess, args, out: Path) -> list[dict]:
+def measure(name: str, server: ServerProcess, args, out: Path, apis: list[str]) -> list[dict]:
     rows = []
     try:
         server.wait_ready(args.startup_timeout)
-        asyncio.run(load(server.url, 4, 2.0, args.tokens))  # warm up
-        for c in args.concurrency:
-            folded = out / f"{name.replace(' (', '-').rstrip(')')}-c{c}.folded"
+        for api, c in [(api, c) for api in apis for c in args.concurrency]:
+            if c == args.concurrency[0]:
+                asyncio.run(load(server.url, 4, 2.0, args.tokens, api))  # warm up
+            target = name if api == "chat" else f"{name[:-1]}, {api})"
+            folded = out / f"{target.replace(' (', '-').replace(', ', '-').rstrip(')')}-c{c}.folded"
             spy = profile(server, args, folded) if args.profile else None
             cpu0, client0 = cpu_seconds(server), time.process_time()
-            chunks, seconds, reads = asyncio.run(load(server.url, c, args.duration, args.tokens))
+            chunks, seconds, reads = asyncio.run(load(server.url, c, args.duration, args.tokens, api))
             cpu, client = cpu_seconds(server) - cpu0, time.process_time() - client0
             if spy is not None:
                 spy.wait()
-            row = {"target": name, "concurrency": c, "chunks": chunks, "seconds": round(seconds, 2),
+            row = {"target": target, "concurrency": c, "chunks": chunks, "seconds": round(seconds, 2),
                    "chunks_per_s": round(chunks / seconds, 1), "wall_us_per_chunk": round(1e6 * seconds / chunks, 1),
                    "server_cpu_us_per_chunk": round(1e6 * cpu / chunks, 1),
                    "client_cpu_us_per_chunk": round(1e6 * client / chunks, 1), "chunks_per_read": round(chunks / reads, 2)}
@@ -141,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--tokens", type=int, default=256, help="chunks per request")
     p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    p.add_argument("--api", nargs="+", default=["chat"], choices=list(APIS),
+                   help="the service's fronts to stream through (the bare baseline streams chat chunks)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--profile", nargs="?", const="py-spy", default=None, metavar="PY_SPY",
                    help="record a py-spy profile of the server during each cell (collapsed stacks in --out)")
@@ -148,9 +161,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / f"frontend-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
-    rows = measure("bare", bare_server(out / "bare.log"), args, out)
+    rows = measure("bare", bare_server(out / "bare.log"), args, out, ["chat"])
     for variant in args.variants:
-        rows += measure(f"service ({variant})", stub_service(out / f"service-{variant}.log", variant), args, out)
+        rows += measure(f"service ({variant})", stub_service(out / f"service-{variant}.log", variant), args, out,
+                        args.api)
     bare = {r["concurrency"]: r for r in rows if r["target"] == "bare"}
     lines = [f"`{' '.join(['frontend.py'] + (argv if argv is not None else sys.argv[1:]))}`", "",
              f"{args.tokens} chunks per request, {args.duration:.0f} s per cell.", "",

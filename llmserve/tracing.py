@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import re
 
-GENERATION_ROUTES = ("/chat/completions", "/completions", "/embeddings", "/responses")
+GENERATION_ROUTES = ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages")
 # the OpenAI routes under both prefixes, and the BentoML-native APIs that share their code
 GENERATION_PATHS = tuple(prefix + route for prefix in ("/v1", "/api/v1") for route in GENERATION_ROUTES) + (
-    "/chat", "/complete", "/embed", "/respond")
+    "/chat", "/complete", "/embed", "/respond", "/messages")
 # BentoML's excluded_urls are regular expressions searched in the whole URL
 EXCLUDED_URLS = [re.escape(path) + "$" for path in GENERATION_PATHS]
 

@@ -16,12 +16,14 @@ import json
 import uuid
 from typing import Any, AsyncIterator, Optional, Union
 
+import orjson
 from pydantic import ValidationError
 
 from ..anthropic_schemas import CountTokensRequest, MessagesRequest, TextBlock, ToolResultBlock, ToolUseBlock
 from ..errors import APIError, validation_error_to_api_error
 from ..schemas import ChatCompletionRequest
 from . import OpenAIOperations
+from .chunks import json_text
 from .generation import EventStream
 
 # chat fields named in the chat path's errors -> the Messages field they came from
@@ -78,7 +80,7 @@ class AnthropicOperations:
             async for sse in chunks:
                 if not sse.startswith("data: {"):
                     continue  # data: [DONE]
-                chunk = json.loads(sse[6:])
+                chunk = orjson.loads(sse[6:])  # per token: a third of json.loads' time
                 if "error" in chunk:
                     if blocks.open is not None:
                         yield blocks.close()
@@ -190,7 +192,7 @@ class ContentBlocks:
                 {"type": "content_block_delta", "index": self._index(), "delta": {"type": "text_delta"}})[:-2]
                 + ', "text": ')
         self.open["text"] += piece
-        return events + f"{self.text_head}{json.dumps(piece, ensure_ascii=False)}}}}}\n\n"
+        return events + f"{self.text_head}{json_text(piece)}}}}}\n\n"
 
     def call(self, delta: dict[str, Any]) -> str:
         """A chat tool-call delta: the first of an index opens a tool_use block, each carries a
