@@ -11,12 +11,15 @@ nothing in the answer); unknown top-level fields are ignored, as on the OpenAI r
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from .errors import field_path
 from .schemas import _Body
+
+MAX_STOP_SEQUENCES = 64
 
 # -- content blocks ----------------------------------------------------------------------------
 
@@ -38,6 +41,10 @@ class ToolUseBlock(_Block):
     input: dict[str, Any]
 
 
+# between the text blocks of one turn (and of one tool result) in the chat message they become
+BLOCK_SEPARATOR = "\n\n"
+
+
 class ToolResultBlock(_Block):
     type: Literal["tool_result"]
     tool_use_id: str = Field(..., min_length=1)
@@ -47,7 +54,7 @@ class ToolResultBlock(_Block):
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(b["text"] for b in self.content)
+        return BLOCK_SEPARATOR.join(b["text"] for b in self.content)
 
 
 Block = Union[TextBlock, ToolUseBlock, ToolResultBlock]
@@ -85,8 +92,7 @@ def _blocks(value: Any, where: str, allowed: tuple[str, ...]) -> list[Block]:
             out.append(BLOCKS[kind].model_validate(block))
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join([here, *map(str, err["loc"])])
-            raise _refused(field, err["msg"]) from None
+            raise _refused(".".join(filter(None, [here, field_path(err["loc"])])), err["msg"]) from None
     return out
 
 
@@ -193,7 +199,7 @@ class CountTokensRequest(_Body):
                 self._tools.append(ToolDef.model_validate(tool))
             except ValidationError as exc:
                 err = exc.errors()[0]
-                raise _refused(".".join([f"tools.{i}", *map(str, err["loc"])]), err["msg"]) from None
+                raise _refused(".".join(filter(None, [f"tools.{i}", field_path(err["loc"])])), err["msg"]) from None
         if self.tool_choice is not None and self.tool_choice.type in ("any", "tool") and not self._tools:
             raise _refused("tool_choice", f"tool_choice {self.tool_choice.type!r} needs `tools`")
         if self.tool_choice is not None and self.tool_choice.type == "tool":
@@ -203,7 +209,7 @@ class CountTokensRequest(_Body):
         return self
 
     def system_text(self) -> str:
-        return "\n\n".join(b.text for b in self._system)
+        return BLOCK_SEPARATOR.join(b.text for b in self._system)
 
     def turns(self) -> list[tuple[str, list[Block]]]:
         return self._turns
@@ -215,7 +221,8 @@ class CountTokensRequest(_Body):
 class MessagesRequest(CountTokensRequest):
     # Anthropic requires max_tokens; StrictInt: `true` is not 1, "10" is not 10
     max_tokens: StrictInt = Field(..., ge=1)
-    stop_sequences: Optional[list[str]] = None
+    # Anthropic sets no number; each one costs a scan of the text held back per token
+    stop_sequences: Optional[list[Annotated[str, Field(min_length=1)]]] = Field(None, max_length=MAX_STOP_SEQUENCES)
     temperature: Optional[float] = Field(None, ge=0.0, le=1.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[StrictInt] = Field(None, ge=0)

@@ -142,6 +142,12 @@ def internal_error(exc: BaseException, message: str = "The server failed on this
     return EngineError(f"{message} (error id {error_id}; the server log has the details)", code="internal_error")
 
 
+def field_path(loc) -> str:
+    """A pydantic error location as a dotted field name, less "body" and the union-member tags
+    pydantic puts in it ("str", "list[str]")."""
+    return ".".join(str(p) for p in loc if p != "body" and not _UNION_TAG.match(str(p)))
+
+
 def validation_error_to_api_error(errors: list[dict[str, Any]]) -> InvalidRequest:
     """Turn pydantic's error list into one 400 that names the first offending field."""
     parts, first_param, seen = [], None, set()
@@ -149,10 +155,8 @@ def validation_error_to_api_error(errors: list[dict[str, Any]]) -> InvalidReques
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             return InvalidRequest(f"The request body is not valid JSON ({detail}).", code="invalid_json")
-        # drop "body" and the union-member tags pydantic puts in the path ("str", "list[str]")
-        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
         # a check of the whole body names the field it found at fault in its context
-        param = (err.get("ctx") or {}).get("field") or ".".join(loc) or None
+        param = (err.get("ctx") or {}).get("field") or field_path(err.get("loc", ())) or None
         first_param = first_param or param
         if param not in seen:
             seen.add(param)

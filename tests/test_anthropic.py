@@ -132,7 +132,7 @@ def test_a_stop_sequence_ends_the_answer_and_is_named(claude, alias):
     assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
     assert cut.content[0].text == free[:free.index(stop)]
     with claude.messages.stream(model=alias, max_tokens=24, messages=QUESTION, extra_body=GREEDY,
-                                stop_sequences=["never written", stop]) as stream:
+                                stop_sequences=[f"never written {i}" for i in range(5)] + [stop]) as stream:
         final = stream.get_final_message()
     assert (final.stop_reason, final.stop_sequence, final.content[0].text) == ("stop_sequence", stop,
                                                                                cut.content[0].text)
@@ -155,6 +155,58 @@ def test_a_final_assistant_turn_is_a_prefill_the_answer_continues(claude, oai, a
     with pytest.raises(Exception, match="continue_final_message"):
         oai.chat.completions.create(model=alias, messages=QUESTION, max_tokens=2,
                                     extra_body={"continue_final_message": True})
+
+
+def test_turns_of_one_role_in_a_row_are_one_turn_and_blocks_are_paragraphs(claude):
+    def count(messages):
+        return claude.messages.count_tokens(model="smollm2", messages=messages).input_tokens
+
+    joined = count([{"role": "user", "content": "Hello there.\n\nWhat is 2+2?"}])
+    assert count([{"role": "user", "content": "Hello there."}, {"role": "user", "content": "What is 2+2?"}]) == joined
+    assert count([{"role": "user", "content": [{"type": "text", "text": "Hello there."},
+                                               {"type": "text", "text": "What is 2+2?"}]}]) == joined
+
+
+def test_a_prefill_that_ends_in_whitespace_is_refused_and_an_empty_one_ignored(server, claude):
+    r = httpx.post(f"{server.url}/v1/messages", timeout=30, json={
+        "model": "smollm2", "max_tokens": 2, "messages": QUESTION + [{"role": "assistant", "content": "The "}]})
+    anthropic_error(r, 400, "messages")
+    empty = claude.messages.count_tokens(model="smollm2", messages=QUESTION + [{"role": "assistant", "content": []}])
+    assert empty.input_tokens == claude.messages.count_tokens(model="smollm2", messages=QUESTION).input_tokens
+
+
+def test_arguments_a_model_writes_freely_go_out_whole_and_only_when_they_parse():
+    """tool_choice auto has no grammar: the SDK parses every input_json_delta and fails on a
+    fragment that is no JSON prefix, so such calls' arguments are held until complete (in-process,
+    the chat stream's call deltas into the SDK's own accumulation)."""
+    from anthropic.lib.streaming._messages import accumulate_event
+    from anthropic.types import RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    from llmserve.serving.anthropic import ContentBlocks, Run
+
+    def stream(arguments: list[str], live: bool):
+        run, blocks = Run("m"), ContentBlocks(live_arguments=live)
+        sse = [blocks.call({"index": 0, "id": "call_1", "function": {"name": "f", "arguments": ""}})]
+        sse += [blocks.call({"index": 0, "function": {"arguments": a}}) for a in arguments]
+        sse.append(blocks.close())
+        got = events("".join(s for s in sse if s))
+        message, bufs = None, {}
+        for kind, data in [("message_start", {"type": "message_start", "message": run.message([], None, None, {
+                "input_tokens": 1, "output_tokens": 0})})] + got:
+            message = accumulate_event(event=TypeAdapter(RawMessageStreamEvent).validate_python(data),
+                                       current_snapshot=message, json_bufs=bufs)
+        return got, blocks.content[0]["input"], message.content[0].input
+
+    got, ours, sdk = stream(['{"city": ', "'Paris'}"], live=False)  # not JSON: Python's quotes
+    assert [d["delta"]["type"] for n, d in got if n == "content_block_delta"] == [] and ours == sdk == {}
+    got, ours, sdk = stream(['{"city": ', '"Paris"}'], live=False)
+    assert [d["delta"]["partial_json"] for n, d in got if n == "content_block_delta"] == ['{"city": "Paris"}']
+    assert ours == sdk == {"city": "Paris"}
+    got, ours, sdk = stream(['{"city": ', '"Paris"}'], live=True)  # under a grammar: as written
+    assert len([n for n, _ in got if n == "content_block_delta"]) == 2 and ours == sdk == {"city": "Paris"}
+    with pytest.raises(ValueError, match="Unable to parse tool parameter JSON"):  # what holding them prevents
+        stream(['{"city": ', "'Paris'}"], live=True)
 
 
 def test_max_tokens_cuts_the_answer_with_stop_reason_max_tokens(claude, alias):
@@ -210,6 +262,11 @@ def test_invalid_json_and_unknown_block_types_are_400s_not_500s(server):
     r = httpx.post(f"{server.url}/v1/messages", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     anthropic_error(r, 400)
+    # bodies FastAPI cannot even read (its HTTPException, not a validation error)
+    for raw in (b'{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "\xff"}]}',
+                b'{"model": ' + b"[" * 100_000):
+        r = httpx.post(f"{server.url}/v1/messages", content=raw, timeout=30, headers={"content-type": "application/json"})
+        anthropic_error(r, 400)
     r = httpx.post(f"{server.url}/api/v1/messages", timeout=30, json={
         "model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "video"}]}]})
     anthropic_error(r, 400, "messages.0.content.0.type")

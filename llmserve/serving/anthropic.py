@@ -19,8 +19,9 @@ from typing import Any, AsyncIterator, Optional, Union
 import orjson
 from pydantic import ValidationError
 
-from ..anthropic_schemas import CountTokensRequest, MessagesRequest, TextBlock, ToolResultBlock, ToolUseBlock
-from ..errors import APIError, validation_error_to_api_error
+from ..anthropic_schemas import (BLOCK_SEPARATOR, CountTokensRequest, MessagesRequest, TextBlock, ToolResultBlock,
+                                 ToolUseBlock)
+from ..errors import APIError, InvalidRequest, validation_error_to_api_error
 from ..schemas import ChatCompletionRequest
 from . import OpenAIOperations
 from .chunks import json_text
@@ -46,7 +47,7 @@ class AnthropicOperations:
     async def create(self, req: MessagesRequest) -> Union[dict[str, Any], EventStream]:
         chat_req = chat_request(req)
         result = await self.ops.chat_for(chat_req, _renamed)
-        run = Run(req.model)
+        run = Run(req.model, req.tool_choice is not None and req.tool_choice.type in ("any", "tool"))
         if not isinstance(result, dict):  # EventStream: its release runs even if the events never start
             return EventStream(self._stream(run, result), result.release)
         choice = result["choices"][0]
@@ -57,7 +58,7 @@ class AnthropicOperations:
             blocks.call({"index": k, **call})
         blocks.close()
         usage = result["usage"]
-        return run.message(blocks.content, _stop_reason(choice), choice.get("stop_reason"),
+        return run.message(blocks.content, _stop_reason(choice), _stop_sequence(choice),
                            {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]})
 
     async def count_tokens(self, req: CountTokensRequest) -> dict[str, int]:
@@ -71,7 +72,7 @@ class AnthropicOperations:
         """The chat stream's chunks as Anthropic's events: message_start, ping, each block's
         start / deltas / stop, message_delta (stop_reason, usage), message_stop; a failure
         after the first byte is an ``error`` event."""
-        blocks = ContentBlocks()
+        blocks = ContentBlocks(live_arguments=run.constrained)
         usage = {"input_tokens": chunks.prompt_tokens, "output_tokens": 0}
         finish: dict[str, Any] = {}
         try:
@@ -98,7 +99,7 @@ class AnthropicOperations:
                         finish = choice
             yield blocks.close()
             yield event("message_delta", delta={"stop_reason": _stop_reason(finish),
-                                                "stop_sequence": finish.get("stop_reason")}, usage=usage)
+                                                "stop_sequence": _stop_sequence(finish)}, usage=usage)
             yield event("message_stop")
         finally:
             # runs too when the client goes away: closing the chat stream stops the engine's work
@@ -110,8 +111,11 @@ def chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
     messages: list[dict[str, Any]] = []
     if req.system_text():
         messages.append({"role": "system", "content": req.system_text()})
-    for role, blocks in req.turns():
-        text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+    turns = _merged(req.turns())
+    if turns[-1][0] == "assistant" and not turns[-1][1]:
+        turns.pop()  # an empty final assistant turn prefills nothing
+    for role, blocks in turns:
+        text = BLOCK_SEPARATOR.join(b.text for b in blocks if isinstance(b, TextBlock))
         if role == "assistant":
             calls = [{"id": b.id, "type": "function",
                       "function": {"name": b.name, "arguments": json.dumps(b.input, ensure_ascii=False)}}
@@ -127,7 +131,11 @@ def chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
         if text or not any(isinstance(b, ToolResultBlock) for b in blocks):
             messages.append({"role": "user", "content": text})
     body: dict[str, Any] = {"model": req.model, "messages": messages}
-    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+        if messages[-1]["content"] != messages[-1]["content"].rstrip():
+            raise InvalidRequest("messages: the final assistant content (a prefill) must not end with whitespace "
+                                 "(as Anthropic refuses it: the model would write on after a space or newline)",
+                                 param="messages", code="invalid_value")
         body["continue_final_message"] = True  # a prefill: the answer continues the assistant's text
     tools = req.tool_defs()
     if tools:
@@ -140,7 +148,7 @@ def chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
         if choice.disable_parallel_tool_use:
             body["parallel_tool_calls"] = False
     if isinstance(req, MessagesRequest):
-        body.update(max_tokens=req.max_tokens, stream=req.stream, stop=req.stop_sequences or None,
+        body.update(max_tokens=req.max_tokens, stream=req.stream,
                     temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or None,
                     user=req.metadata.user_id if req.metadata else None)
         if req.stream:
@@ -149,16 +157,32 @@ def chat_request(req: CountTokensRequest) -> ChatCompletionRequest:
         if fmt is not None:  # the same grammar as the chat route's json_schema response_format
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.schema_}}
     try:
-        return ChatCompletionRequest.model_validate(body)
+        chat = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
         raise _renamed(validation_error_to_api_error(list(exc.errors()))) from None
+    if isinstance(req, MessagesRequest) and req.stop_sequences:
+        chat.stop = req.stop_sequences  # checked by MessagesRequest: Anthropic takes more than the chat route's 4
+    return chat
+
+
+def _merged(turns: list[tuple[str, list]]) -> list[tuple[str, list]]:
+    """Consecutive turns of one role as one turn, as Anthropic combines them (chat templates
+    that insist on alternating roles would refuse them apart)."""
+    out: list[tuple[str, list]] = []
+    for role, blocks in turns:
+        if out and out[-1][0] == role:
+            out[-1] = (role, out[-1][1] + blocks)
+        else:
+            out.append((role, list(blocks)))
+    return out
 
 
 class Run:
     """One request's message id and model, in its answer and its stream's message_start."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, constrained: bool = False):
         self.model, self.id = model, f"msg_{uuid.uuid4().hex}"
+        self.constrained = constrained  # tool_choice any / tool: a grammar holds the calls to their schemas
 
     def message(self, content: list[dict[str, Any]], stop_reason: Optional[str], stop_sequence: Optional[str],
                 usage: dict[str, int]) -> dict[str, Any]:
@@ -174,12 +198,18 @@ def event(kind: str, **fields: Any) -> str:
 class ContentBlocks:
     """The content blocks of one answer, built from the chat path's deltas (text pieces, tool
     calls by index), with the events that open, fill and close them. A whole answer goes
-    through the same steps, so both give the same blocks."""
+    through the same steps, so both give the same blocks.
 
-    def __init__(self):
+    ``live_arguments``: a call's arguments go out as the model writes them. Only where a grammar
+    holds them to valid JSON (tool_choice any / tool): the SDK parses every input_json_delta and
+    fails on a fragment that is no JSON prefix, which a model writing freely may produce. Else
+    they go out in one delta when the call is complete, and only if they are a JSON object."""
+
+    def __init__(self, live_arguments: bool = True):
         self.content: list[dict[str, Any]] = []
         self.open: Optional[dict[str, Any]] = None
-        self.calls: dict[int, dict[str, Any]] = {}  # chat call index -> its tool_use block
+        self.live = live_arguments
+        self.calls: dict[int, int] = {}  # chat call index -> the index of its tool_use block
         self.arguments: dict[int, str] = {}  # block index -> the JSON text of its input so far
         self.text_head = ""
 
@@ -203,24 +233,26 @@ class ContentBlocks:
         if k not in self.calls:
             events += self._start({"type": "tool_use", "id": delta.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
                                    "name": fn.get("name", ""), "input": {}})
-            self.calls[k] = self.open
+            self.calls[k] = self._index()
             self.arguments[self._index()] = ""
         if fn.get("arguments"):
-            at = self.content.index(self.calls[k])
+            at = self.calls[k]
             self.arguments[at] += fn["arguments"]
-            events += event("content_block_delta", index=at,
-                            delta={"type": "input_json_delta", "partial_json": fn["arguments"]})
+            if self.live:
+                events += _input_delta(at, fn["arguments"])
         return events
 
     def close(self) -> str:
         """Closes the open block (a tool_use block's input is its arguments, parsed)."""
         if self.open is None:
             return ""
-        at = self._index()
+        at, events = self._index(), ""
         if self.open["type"] == "tool_use":
             self.open["input"] = _input(self.arguments[at])
+            if not self.live and self.open["input"]:  # held until complete: sent whole, if an object
+                events = _input_delta(at, self.arguments[at])
         self.open = None
-        return event("content_block_stop", index=at)
+        return events + event("content_block_stop", index=at)
 
     def _index(self) -> int:
         return len(self.content) - 1
@@ -230,6 +262,10 @@ class ContentBlocks:
         self.content.append(block)
         self.open = block
         return events + event("content_block_start", index=self._index(), content_block=dict(block))
+
+
+def _input_delta(at: int, fragment: str) -> str:
+    return event("content_block_delta", index=at, delta={"type": "input_json_delta", "partial_json": fragment})
 
 
 def _input(arguments: str) -> dict[str, Any]:
@@ -250,12 +286,19 @@ def _stop_reason(choice: dict[str, Any]) -> Optional[str]:
     return "stop_sequence" if choice.get("stop_reason") else "end_turn"
 
 
+def _stop_sequence(choice: dict[str, Any]) -> Optional[str]:
+    """The stop sequence that ended the answer; Anthropic names it only with stop_reason stop_sequence."""
+    return choice.get("stop_reason") if _stop_reason(choice) == "stop_sequence" else None
+
+
 def _renamed(exc: APIError) -> APIError:
     """The chat path's error, its ``param`` named as the Messages field it came from."""
     if exc.param:
         head, _, rest = exc.param.partition(".")
         if head == "tools":  # tools.0.function.parameters -> tools.0.input_schema
-            exc.param = exc.param.replace(".function.parameters", ".input_schema").replace(".function.", ".")
+            renamed = exc.param.replace(".function.parameters", ".input_schema").replace(".function.", ".")
+            exc.message = exc.message.replace(exc.param, renamed)
+            exc.param = renamed
         elif head in _CHAT_PARAMS:
             exc.param = _CHAT_PARAMS[head]  # chat message indexes do not match the turns': the field alone
         exc.message = exc.message.replace("`stop`", "`stop_sequences`").replace("stop:", "stop_sequences:")

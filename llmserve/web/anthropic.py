@@ -6,20 +6,15 @@ own class maps them, so no handler of the app needs to know which family a path 
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from ..anthropic_schemas import CountTokensRequest, MessagesRequest
-from ..errors import APIError, internal_error, to_api_error, validation_error_to_api_error
+from ..errors import APIError
 from ..serving.anthropic import AnthropicOperations, error_body, error_status
 from .auth import check_api_key
-from .responding import respond, while_connected
-
-log = logging.getLogger("llmserve")
+from .responding import api_error_of, respond, while_connected
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -37,16 +32,8 @@ class AnthropicRoute(APIRoute):
         async def handle(request: Request):
             try:
                 return await handler(request)
-            except RequestValidationError as exc:
-                return error_response(validation_error_to_api_error(list(exc.errors())))
-            except Exception as exc:
-                err = to_api_error(exc)
-                if err is None:
-                    log.error("unexpected error on %s %s", request.method, request.url.path)
-                    err = internal_error(exc)
-                elif err.status >= 500:
-                    log.error("%s %s -> %s: %s", request.method, request.url.path, err.status, err.message)
-                return error_response(err)
+            except Exception as exc:  # mapped as on the OpenAI routes, written in Anthropic's shape
+                return error_response(api_error_of(request, exc))
 
         return handle
 

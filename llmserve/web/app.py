@@ -13,7 +13,6 @@ in responding.py. Every error is OpenAI-shaped: {"error": {"message", "type", "p
 from __future__ import annotations
 
 import json
-import logging
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -22,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backends import errors as engine_errors
 
-from ..errors import APIError, InvalidRequest, internal_error, to_api_error, validation_error_to_api_error
+from ..errors import APIError, InvalidRequest
 from ..responses_schemas import ResponsesRequest
 from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ..serving import OpenAIOperations
@@ -30,9 +29,7 @@ from ..serving.responses import ResponsesOperations
 from ..ui import mount as mount_pages
 from . import anthropic, retrieval
 from .auth import check_admin_key, check_api_key
-from .responding import error_response, respond, while_connected
-
-log = logging.getLogger("llmserve")
+from .responding import api_error_of, error_response, respond, while_connected
 
 app = FastAPI(title="llmserve OpenAI-compatible API", docs_url=None, openapi_url="/v1/openapi.json")
 mount_pages(app)  # the index page at /, the console at /ui, /v1/docs with local Swagger UI assets
@@ -144,32 +141,10 @@ for prefix in ("/v1", "/api/v1"):
 app.include_router(admin_router)
 
 
-@app.exception_handler(APIError)
-async def _api_error(request: Request, exc: APIError):
-    if exc.status >= 500:
-        log.error("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(exc)
+# every error of the OpenAI routes, mapped once (responding.api_error_of) and written in OpenAI's shape
+async def _error(request: Request, exc: Exception):
+    return error_response(api_error_of(request, exc))
 
 
-@app.exception_handler(engine_errors.EngineError)
-async def _engine_error(request: Request, exc: engine_errors.EngineError):
-    return await _api_error(request, to_api_error(exc))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError):
-    err = validation_error_to_api_error(list(exc.errors()))
-    return error_response(err)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    kind = "not_found" if exc.status_code == 404 else None
-    err = APIError(f"{exc.detail}: {request.method} {request.url.path}", status=exc.status_code, code=kind)
-    return error_response(err)
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception):
-    log.error("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(internal_error(exc))
+for _kind in (APIError, engine_errors.EngineError, RequestValidationError, StarletteHTTPException, Exception):
+    app.add_exception_handler(_kind, _error)

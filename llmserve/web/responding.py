@@ -10,11 +10,32 @@ from typing import Any, Awaitable
 
 import anyio
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import APIError
+from ..errors import APIError, internal_error, to_api_error, validation_error_to_api_error
 
 log = logging.getLogger("llmserve")
+
+
+def api_error_of(request: Request, exc: BaseException) -> APIError:
+    """What the client is told of anything a route raised: its APIError, an engine's error mapped,
+    a body that failed validation (400 naming the field) or could not be read at all (FastAPI's
+    HTTPException: bad UTF-8, nesting too deep), and a 500 with an error id for the rest. Every
+    API family renders this one error in its own shape."""
+    if isinstance(exc, RequestValidationError):
+        return validation_error_to_api_error(list(exc.errors()))
+    if isinstance(exc, StarletteHTTPException):
+        kind = "not_found" if exc.status_code == 404 else None
+        return APIError(f"{exc.detail}: {request.method} {request.url.path}", status=exc.status_code, code=kind)
+    err = to_api_error(exc)
+    if err is None:
+        log.error("unexpected error on %s %s", request.method, request.url.path)
+        return internal_error(exc)
+    if err.status >= 500:
+        log.error("%s %s -> %s: %s", request.method, request.url.path, err.status, err.message)
+    return err
 
 
 def error_response(exc: APIError) -> JSONResponse:
