@@ -23,7 +23,7 @@ from llmserve.anthropic_schemas import MessagesRequest
 from llmserve.config import load_settings
 from llmserve.metrics import metrics_endpoint
 from llmserve.errors import to_api_error
-from llmserve.web.anthropic import error_response as anthropic_error
+from llmserve.web import anthropic
 from llmserve.web.app import app
 from llmserve.web.auth import NativeAPIKeys
 from llmserve.web.middleware import BodyLimit, ByteOrderMark, ControlCharacterPaths
@@ -130,7 +130,7 @@ class LLMService:
     async def messages(self, ctx: bentoml.Context, **body) -> str:
         """Anthropic Messages API; the fields of Anthropic's /v1/messages body, errors in its shape."""
         return await as_response(lambda: self.runtime.anthropic.create(MessagesRequest.model_validate(body)), ctx,
-                                 anthropic_error)
+                                 anthropic.error_response)
 
     # -- retrieval (llmserve/web/retrieval.py has them under /v1): vLLM's root-level paths, same bodies
     @bentoml.api(input_spec=RerankRequest)
@@ -172,8 +172,8 @@ class LLMService:
 
 
 LLMService.add_asgi_middleware(GenerationRouteSpans)
-LLMService.add_asgi_middleware(NativeAPIKeys, settings=settings, errors={"/messages": anthropic_error})
+LLMService.add_asgi_middleware(NativeAPIKeys, settings=settings, errors=anthropic.ERRORS)
 # BentoML's native APIs (/chat, /embed, ...) get the body limit of the /v1 routes
-LLMService.add_asgi_middleware(BodyLimit, limit=lambda: settings.limits.max_body_bytes)
+LLMService.add_asgi_middleware(BodyLimit, limit=lambda: settings.limits.max_body_bytes, errors=anthropic.ERRORS)
 LLMService.add_asgi_middleware(ByteOrderMark)
 LLMService.add_asgi_middleware(ControlCharacterPaths)

@@ -19,6 +19,7 @@ from .serving import OpenAIOperations
 from .serving.anthropic import AnthropicOperations
 from .serving.responses import ResponsesOperations
 from .web.app import app
+from .web import anthropic
 from .web.middleware import BodyLimit, ControlCharacterPaths
 
 log = logging.getLogger("llmserve")
@@ -91,7 +92,8 @@ def _add_middleware(settings: Settings) -> None:
     if _middleware_added:
         return
     _middleware_added = True
-    app.add_middleware(BodyLimit, limit=lambda: app.state.ops.settings.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=lambda: app.state.ops.settings.limits.max_body_bytes,
+                       errors=anthropic.ERRORS)
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

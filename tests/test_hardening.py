@@ -73,6 +73,10 @@ def test_anthropics_clients_send_the_same_keys_as_x_api_key_and_are_refused_in_i
     assert client(guarded, INFERENCE).post("/v1/messages", json=body).status_code == 200  # Bearer works too
     assert httpx.post(f"{guarded.url}/messages", json=body).status_code == 401  # the native API
     assert httpx.post(f"{guarded.url}/messages", json=body, headers={"x-api-key": INFERENCE}).status_code == 200
+    big = {**body, "messages": [{"role": "user", "content": "x" * 70_000}]}  # past the 64 KiB body limit
+    for path in ("/v1/messages", "/messages"):
+        r = httpx.post(f"{guarded.url}{path}", json=big, headers={"x-api-key": INFERENCE})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text
 
 
 def test_bentomls_native_apis_take_the_same_keys(guarded):

@@ -38,6 +38,12 @@ class AnthropicRoute(APIRoute):
         return handle
 
 
+# the paths whose refusals by the middlewares in front of the routes (keys of the native API, the
+# body limit) are written in Anthropic's shape too
+PATHS = [prefix + route for prefix in ("/v1", "/api/v1") for route in ("/messages", "/messages/count_tokens")]
+ERRORS = dict.fromkeys([*PATHS, "/messages"], error_response)
+
+
 def anthropic_ops(request: Request) -> AnthropicOperations:
     return request.app.state.anthropic
 

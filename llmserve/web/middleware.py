@@ -12,16 +12,18 @@ from .responding import error_response
 class BodyLimit:
     """A 413 for request bodies over limits.max_body_bytes, declared or streamed (pure ASGI)."""
 
-    def __init__(self, app, limit: Callable[[], int]):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: Callable[[], int], errors=None):
+        # path -> how its 413 is written, for routes of another family than OpenAI's
+        self.app, self.limit, self.errors = app, limit, errors or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.limit()
         declared = dict(scope.get("headers") or ()).get(b"content-length")
+        render = self.errors.get(scope.get("path", ""), error_response)
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._too_large(send, limit)
+            return await self._too_large(send, limit, render)
         seen = 0
 
         async def counted():
@@ -35,13 +37,13 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
-            await self._too_large(send, limit)
+            await self._too_large(send, limit, render)
 
     @staticmethod
-    async def _too_large(send, limit: int) -> None:
+    async def _too_large(send, limit: int, render) -> None:
         err = APIError(f"The request body is larger than this server's limit of {limit} bytes "
                        "(limits.max_body_bytes).", status=413, code="request_too_large")
-        await error_response(err)({"type": "http"}, None, send)
+        await render(err)({"type": "http"}, None, send)
 
 
 class _TooLarge(BaseException):
