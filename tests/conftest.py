@@ -59,7 +59,8 @@ def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-
                                         delete=False).name
     # a request without max_tokens may run to the end of the context (up to ~2000 tokens here):
     # the suite's servers stop such requests at 256, as the shipped default did before
-    env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8", "LLMSERVE_FAULTS": FAULTS_ENV,
+    # (11 aliases in a full run)
+    env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "12", "LLMSERVE_FAULTS": FAULTS_ENV,
            "LLMSERVE_LIMITS__DEFAULT_MAX_TOKENS": "256",
            "LLMSERVE_RESPONSES__STORE_PATH": store, **(env_overrides or {})}
     server = bentoml_serve(ROOT / ".cache" / f"{name}.log", env)

@@ -421,7 +421,7 @@ async def test_vllm_reports_only_stop_and_length_as_finish_reasons(reason, ends)
     class Engine:  # the shape of AsyncLLM.generate's outputs, ending with ``reason``
         async def generate(self, prompt, params, request_id):
             yield SimpleNamespace(finished=True, outputs=[SimpleNamespace(text="Hi", token_ids=[1], logprobs=None,
-                                                                          finish_reason=reason)])
+                                                                          finish_reason=reason, stop_reason=None)])
 
     backend = object.__new__(VllmBackend)
     backend.engine, backend._faults = Engine(), None
