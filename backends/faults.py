@@ -7,12 +7,18 @@ Stages: ``admit``, ``sample``, ``detokenize`` (one request's part of a step), ``
 step loop itself, outside any request: the loop thread dies) and ``trim`` (llama.cpp: removing
 the tail of a slot's cached prompt reports failure, as on a sliding-window model).
 Engines hold ``None`` when it is off, so the serving path pays one ``is not None`` test.
+
+``LLMSERVE_HOLD_FILE=PATH`` (also for tests): while that file exists, the batched input passes
+(embeddings, cross-encoder scoring: scheduling.InputBatcher) wait before they start, so a test
+can line requests up behind a pass and let it go when it chooses (see Hold).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from pathlib import Path
 from typing import Iterable, Optional
 
 log = logging.getLogger("llmserve")
@@ -54,3 +60,23 @@ def from_env() -> Optional[Faults]:
     log.warning("LLMSERVE_FAULTS is set: requests with seeds %s fail on purpose (a test setting; unset it to "
                 "serve)", ", ".join(f"{seed} ({stage})" for seed, stage in seeds.items()))
     return Faults(seeds)
+
+
+class Hold:
+    """A gate a test opens by deleting a file: what waits on it goes on once the file is gone."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    async def passed(self) -> None:
+        while self.path.exists():  # a test's hold lasts a second or so: polling costs nothing to serving
+            await asyncio.sleep(0.01)
+
+
+def hold_from_env() -> Optional[Hold]:
+    """The gate ``LLMSERVE_HOLD_FILE`` names, or None (the default)."""
+    path = os.environ.get("LLMSERVE_HOLD_FILE", "").strip()
+    if not path:
+        return None
+    log.warning("LLMSERVE_HOLD_FILE is set: batched input passes wait while %s exists (a test setting)", path)
+    return Hold(Path(path))

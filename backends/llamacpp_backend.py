@@ -183,13 +183,20 @@ class LlamaCppBackend(Backend):
             return self.llm.n_vocab()
         return self._lib.llama_vocab_n_tokens(self.model.vocab)
 
-    async def decode(self, ids: list[int]) -> str:
+    def _vocab_model(self):
+        """The LlamaModel that holds the vocabulary (an embedding alias's is inside its Llama)."""
+        return self.llm._model if self.llm is not None else self.model
+
+    async def decode(self, ids: list[int], special: bool = False) -> str:
         """Token ids back to text (token-id input of embeddings), on the engine thread."""
         def detokenize() -> str:
-            data = self.llm.detokenize(ids) if self.llm is not None else self.model.detokenize(ids, special=False)
-            return data.decode("utf-8", errors="replace")
+            return self._vocab_model().detokenize(ids, special=special).decode("utf-8", errors="replace")
 
         return await self._thread.call(detokenize)
+
+    async def token_strs(self, ids: list[int]) -> list[str]:
+        """Each id's text in the vocabulary (what Hugging Face's convert_ids_to_tokens gives)."""
+        return await self._thread.call(lambda: [self._vocab_model().token_get_text(t) for t in ids])
 
     async def prepare(self, params: SamplingParams) -> None:
         if params.json_schema is not None or params.tool_grammar is not None:
@@ -230,6 +237,7 @@ class LlamaCppBackend(Backend):
                     f"input[{i}] has {n} tokens, more than this model's context of {self.context_length()}.",
                     param="input",
                     code="context_length_exceeded",
+                    index=i,
                 )
             tokens.append(n)
         vectors = self.llm.embed(inputs, normalize=True, truncate=False)  # never cut: too long was refused above

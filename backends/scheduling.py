@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from . import faults
 from .base import ADMITTED, Delta, SamplingParams
-from .errors import EngineError, EngineFailure
+from .errors import EngineError, EngineFailure, Unloaded
 
 log = logging.getLogger("llmserve")
 
@@ -33,6 +33,7 @@ class InputBatcher:
 
     def __init__(self, run: Callable[[list[Any]], Awaitable[Any]], max_inputs: int = 256):
         self._run, self._max = run, max_inputs
+        self._hold = faults.hold_from_env()  # None unless a test holds the passes (faults.Hold)
         self._queue: list[tuple[list[Any], asyncio.Future]] = []
         self._draining = False
         self.batches = 0  # forward passes so far (for tests and describe)
@@ -60,6 +61,8 @@ class InputBatcher:
                         group.append((inputs, future))
                         size += len(inputs)
                 if group:
+                    if self._hold is not None:
+                        await self._hold.passed()
                     await self._run_group(group)
         finally:
             self._draining = False
@@ -164,8 +167,7 @@ class StepLoop(abc.ABC):
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         if self.failure is not None or self._closed:  # nothing would ever answer: not queued, not counted
-            raise EngineFailure("The engine cannot serve this request now.",
-                                detail=self.failure or "the model was unloaded")
+            raise self._unavailable()
 
         def emit(item) -> None:
             if threading.current_thread() is self._thread:  # a step's deltas go to the loop together
@@ -179,8 +181,7 @@ class StepLoop(abc.ABC):
         request = StepRequest(list(prompt), params, emit, extra)
         self._pending.put(request)
         if self.failure is not None or self._closed:  # it closed or died while this was queued
-            self._answer_pending(EngineFailure("The engine cannot serve this request now.",
-                                               detail=self.failure or "the model was unloaded"))
+            self._answer_pending(self._unavailable())
         finished = False
         try:
             while True:
@@ -197,6 +198,11 @@ class StepLoop(abc.ABC):
                 request.cancelled = True
                 self._pending.put(None)  # wakes an idle loop
 
+    def _unavailable(self) -> EngineError:
+        if self.failure is not None:
+            return EngineFailure("The engine cannot serve this request now.", detail=self.failure)
+        return Unloaded("The model was unloaded before this request started.")
+
     def queued(self) -> int:
         with self._pending.mutex:  # requests only, not the None that wakes the loop after a cancel
             pending = sum(item is not None for item in self._pending.queue)
@@ -209,8 +215,8 @@ class StepLoop(abc.ABC):
         self._closed = True
         self._pending.put(None)
         self._thread.join()
-        self._fail_running(EngineFailure("The model was unloaded while this request ran."))
-        self._answer_pending(EngineFailure("The model was unloaded before this request started."))
+        self._fail_running(Unloaded("The model was unloaded while this request ran."))
+        self._answer_pending(Unloaded("The model was unloaded before this request started."))
         self._free()
 
     def _answer_pending(self, error: EngineError) -> None:
@@ -305,7 +311,11 @@ class EngineThread:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     async def call(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            work = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError as exc:  # "cannot schedule new futures after shutdown": the model went
+            raise Unloaded("The model was unloaded before this request started.") from exc
+        return await work
 
     def shutdown(self):
         self._executor.shutdown(wait=True)

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Optional
 from .base import (CHAT, COMPLETION, EMBEDDINGS, RERANK, Backend, Delta, Embeddings, SamplingParams, Scores,
                    TokenLogprob, release_memory)
 from .convert import gguf_to_hf_dir
-from .errors import BadInput, NotInstalled
+from .errors import BadInput, NotInstalled, Unloaded
 from .scheduling import EngineThread, InputBatcher, StepLoop, StepRequest
 from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, logprob_entry, top_logprobs
 from .transformers_paged import PagedEngine
@@ -109,7 +109,7 @@ class TransformersBackend(Backend):
         self._ctx = int(ctx)
         if self.config.task in ("embed", "rerank"):
             work = self._embed_sync if self.config.task == "embed" else self._score_sync
-            self._embedder = InputBatcher(lambda inputs: self._thread.call(work, inputs))
+            self._embedder = InputBatcher(lambda inputs: self._thread.call(self._loaded, work, inputs))
             return
         eos = set()
         for source in (self.model.generation_config, self.tokenizer):
@@ -153,6 +153,12 @@ class TransformersBackend(Backend):
     def _unload_sync(self) -> None:
         self.model = self.tokenizer = self.batcher = self.paged = None
         release_memory()
+
+    def _loaded(self, work, inputs):
+        """``work`` on the model's thread, unless the model was unloaded after it was queued."""
+        if self.model is None:
+            raise Unloaded("The model was unloaded before this request started.")
+        return work(inputs)
 
     def capabilities(self) -> set[str]:
         if self.config.task == "embed":
@@ -199,9 +205,12 @@ class TransformersBackend(Backend):
     async def encode_text(self, text, special=True):
         return await self._thread.call(lambda: self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    async def decode(self, ids: list[int]) -> str:
+    async def decode(self, ids: list[int], special: bool = False) -> str:
         """Token ids back to text (token-id input of embeddings), on the model's thread."""
-        return await self._thread.call(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
+        return await self._thread.call(lambda: self.tokenizer.decode(ids, skip_special_tokens=not special))
+
+    async def token_strs(self, ids: list[int]) -> list[str]:
+        return await self._thread.call(self.tokenizer.convert_ids_to_tokens, ids)
 
     async def prepare(self, params: SamplingParams) -> None:
         if params.json_schema is not None or params.tool_grammar is not None:
@@ -280,6 +289,7 @@ class TransformersBackend(Backend):
                 "shorten or split it.",
                 param=param,
                 code="context_length_exceeded",
+                index=i,
             )
         return lengths
 

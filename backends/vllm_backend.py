@@ -25,7 +25,7 @@ from .args import VllmArgs
 from .base import CHAT, COMPLETION, RERANK, Backend, Delta, SamplingParams, Scores, TokenLogprob, release_memory
 from .convert import gguf_to_hf_dir
 from . import faults
-from .errors import BadInput, EngineFailure, NotInstalled
+from .errors import BadInput, EngineFailure, NotInstalled, Unloaded
 from .scheduling import EngineThread
 from .text import hf_chat_ids, hf_token_bytes
 from .grammar import structural_tag
@@ -185,9 +185,12 @@ class VllmBackend(Backend):
     async def encode_text(self, text, special=True):
         return await self._tokenizing.call(lambda: self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    async def decode(self, ids: list[int]) -> str:
+    async def decode(self, ids: list[int], special: bool = False) -> str:
         """Token ids back to text (the echo of a token-id prompt), on the tokenizer's thread."""
-        return await self._tokenizing.call(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
+        return await self._tokenizing.call(lambda: self.tokenizer.decode(ids, skip_special_tokens=not special))
+
+    async def token_strs(self, ids: list[int]) -> list[str]:
+        return await self._tokenizing.call(self.tokenizer.convert_ids_to_tokens, ids)
 
     def vocab_size(self) -> int:
         return self.engine.model_config.get_vocab_size()
@@ -195,11 +198,19 @@ class VllmBackend(Backend):
     async def score(self, pairs: list[tuple[str, str]]) -> Scores:
         engine = self.engine
         if engine is None:
-            raise EngineFailure("The model was unloaded before this request started.")
+            raise Unloaded("The model was unloaded before this request started.")
         prompts = await self._tokenizing.call(self._pair_prompts, pairs)
         # every pair its own engine request, all in flight at once: a client that leaves cancels
         # them, and vLLM's encode aborts each one it had taken
-        outputs = await asyncio.gather(*(self._classify(engine, prompt, params) for prompt, params in prompts))
+        tasks = [asyncio.ensure_future(self._classify(engine, prompt, params)) for prompt, params in prompts]
+        try:
+            outputs = await asyncio.gather(*tasks)
+        except Exception as exc:
+            for task in tasks:  # one pair failed: the others' answers are no use
+                task.cancel()
+            if engine is not self.engine:  # vLLM fails what it held when it shuts down (an assertion)
+                raise Unloaded(detail=f"{type(exc).__name__}: {exc}") from exc
+            raise
         return Scores([float(o.outputs.data[-1]) for o in outputs], [len(p["prompt_token_ids"]) for p, _ in prompts])
 
     def _pair_prompts(self, pairs: list[tuple[str, str]]) -> list:
@@ -214,7 +225,7 @@ class VllmBackend(Backend):
             if len(ids) > self._ctx:
                 raise BadInput(f"documents[{i}] has {len(ids)} tokens with the query, more than this model's maximum "
                                f"of {self._ctx}; shorten or split it.", param="documents",
-                               code="context_length_exceeded")
+                               code="context_length_exceeded", index=i)
             extra = None
             if enc.get("token_type_ids") is not None:
                 extra = {"compressed_token_type_ids": compress_token_type_ids(enc["token_type_ids"])}
@@ -300,7 +311,7 @@ class VllmBackend(Backend):
 
         engine = self.engine  # the one to abort on, even once unload has let go of it
         if engine is None:
-            raise EngineFailure("The model was unloaded before this request started.")
+            raise Unloaded("The model was unloaded before this request started.")
         if self._faults is not None:
             self._faults.check("admit", params.seed)
         request_id = uuid.uuid4().hex
@@ -328,6 +339,11 @@ class VllmBackend(Backend):
                 # vLLM's stop_reason: the stop string that ended it (a token id for stop_token_ids: none here)
                 stop = c.stop_reason if finished and isinstance(c.stop_reason, str) else None
                 yield Delta(c.text, count, reason, logprobs, prompt_logprobs, stop)
+        except Exception as exc:
+            if engine is self.engine or isinstance(exc, Unloaded):
+                raise
+            # unloaded under it: vLLM ends what it held with an assertion or an abort
+            raise Unloaded(detail=f"{type(exc).__name__}: {exc}") from exc
         finally:
             if not finished and engine is self.engine:  # client gone or stop found: free the engine at once
                 try:

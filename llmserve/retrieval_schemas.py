@@ -9,9 +9,9 @@ Unknown fields are ignored, as in llmserve/schemas.py.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import Field, StrictInt, field_validator, model_validator
+from pydantic import Field, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
 from .schemas import ChatMessage, Tool, _Body, _NullIsUnset
@@ -27,6 +27,13 @@ class RerankRequest(_Body):
     documents: list[Union[str, TextDocument]] = Field(..., min_length=1)
     top_n: Optional[StrictInt] = Field(None, ge=0, description="the n most relevant; 0 or none: all (as vLLM)")
     return_documents: bool = False
+
+    @model_validator(mode="after")
+    def _no_empty_document(self) -> "RerankRequest":
+        for i, d in enumerate(self.documents):
+            if not (d if isinstance(d, str) else d.text):  # an engine reads no token of it
+                raise _invalid(f"documents.{i}" if isinstance(d, str) else f"documents.{i}.text", "must not be empty")
+        return self
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -46,6 +53,11 @@ class ScoreRequest(_Body):
             raise _invalid("text_1", "must not be empty")
         if not two:
             raise _invalid("text_2", "must not be empty")
+        for field in ("text_1", "text_2"):
+            value = getattr(self, field)
+            for i, text in enumerate([value] if isinstance(value, str) else value):
+                if not text:  # an engine reads no token of it
+                    raise _invalid(field if isinstance(value, str) else f"{field}.{i}", "must not be empty")
         if len(one) > 1 and len(one) != len(two):
             raise _invalid("text_2", f"text_1 has {len(one)} texts and text_2 {len(two)}: give one text_1 for all "
                                      "text_2 (1:N) or as many of each (N:N)")
@@ -73,7 +85,14 @@ class TokenizeRequest(_Body):
     # default: true for a prompt, false for messages (the chat template writes them), as in vLLM
     add_special_tokens: Optional[bool] = None
     add_generation_prompt: bool = True
+    # the chat route's prefill (ChatCompletionRequest.continue_final_message): the last assistant
+    # message continued rather than closed; vLLM's field. add_generation_prompt does not apply to
+    # it (vLLM refuses both true; here the prompt is the chat route's either way)
+    continue_final_message: bool = False
     return_token_strs: bool = False
+    # vLLM's; refused (serving/retrieval.py): the chat route renders with the alias's template only
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
@@ -84,14 +103,7 @@ class TokenizeRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: Optional[str] = Field(None, description="alias; default_model when empty")
-    tokens: list[StrictInt]
-
-    @field_validator("tokens")
-    @classmethod
-    def _ids(cls, v: list[int]) -> list[int]:
-        if any(t < 0 for t in v):
-            raise ValueError("token ids must not be negative")
-        return v
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]  # as vLLM's DetokenizeRequest
 
 
 def _invalid(field: str, message: str) -> PydanticCustomError:

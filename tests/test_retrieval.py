@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 
+import httpx
 import pytest
 
-from conftest import wait_for
+from conftest import start_server, wait_for
 from cross_encoder import build
 from test_disconnects import send_and_keep_open
 
@@ -175,60 +176,165 @@ def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(http, 
         ("/v1/score", {"model": "minilm", "text_1": [], "text_2": "d"}, "text_1"),
         ("/v1/tokenize", {"model": "smollm2", "prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
         ("/v1/tokenize", {"model": "smollm2"}, "prompt"),
-        ("/v1/tokenize", {"model": "smollm2", "prompt": "a", "return_token_strs": True}, "return_token_strs"),
+        ("/v1/tokenize", {"model": "smollm2", "prompt": "a", "chat_template": "{{ messages }}"}, "chat_template"),
+        ("/v1/tokenize", {"model": "smollm2", "messages": [{"role": "user", "content": "b"}],
+                          "continue_final_message": True}, "continue_final_message"),  # no assistant turn to continue
         ("/v1/tokenize", {"model": "minilm", "messages": [{"role": "user", "content": "b"}]}, "model"),  # no template
         ("/v1/detokenize", {"model": "smollm2", "tokens": [10**9]}, "tokens"),
-        ("/api/v1/detokenize", {"model": "smollm2", "tokens": [-1]}, "tokens"),
+        ("/api/v1/detokenize", {"model": "smollm2", "tokens": [-1]}, "tokens.0"),
         ("/detokenize", {"model": "smollm2", "tokens": [10**9]}, "tokens"),  # the native API, past validation
-        # a pair past the cross-encoder's 512 positions, on both engines
-        ("/v1/rerank", {"model": "rerank-tiny", "query": "q", "documents": ["ok", "word " * 600]}, "documents"),
-        ("/v1/rerank", {"model": "rerank-tiny-vllm", "query": "q", "documents": ["ok", "word " * 600]}, "documents"),
-        ("/v1/score", {"model": "rerank-tiny", "text_1": "q", "text_2": ["word " * 600]}, "text_2"),
-        ("/v1/score", {"model": "minilm", "text_1": "q", "text_2": ["word " * 600]}, "text_2"),  # the embedding path
+        # a pair past the cross-encoder's 512 positions, on both engines: the document, or the query alone
+        ("/v1/rerank", {"model": "rerank-tiny", "query": "q", "documents": ["ok", "word " * 600]}, "documents.1"),
+        ("/v1/rerank", {"model": "rerank-tiny-vllm", "query": "q", "documents": ["ok", "word " * 600]}, "documents.1"),
+        ("/v1/rerank", {"model": "rerank-tiny", "query": "word " * 600, "documents": ["ok"]}, "query"),
+        ("/v1/rerank", {"model": "rerank-tiny-vllm", "query": "word " * 600, "documents": ["ok", "fine"]}, "query"),
+        ("/v1/score", {"model": "rerank-tiny", "text_1": "q", "text_2": ["word " * 600]}, "text_2.0"),
+        ("/v1/score", {"model": "rerank-tiny", "text_1": "word " * 600, "text_2": ["ok", "fine"]}, "text_1"),
+        # the embedding path names the field of the text it embedded once, not its place among them
+        ("/v1/score", {"model": "minilm", "text_1": "q", "text_2": ["word " * 600]}, "text_2.0"),
+        ("/v1/score", {"model": "minilm", "text_1": ["q", "word " * 600], "text_2": ["a", "b"]}, "text_1.1"),
+        ("/v1/score", {"model": "minilm", "text_1": "q", "text_2": ["a", "q", "word " * 600]}, "text_2.2"),
+        ("/v1/rerank", {"model": "minilm", "query": "q", "documents": ["ok", "fine", "word " * 600]}, "documents.2"),
+        ("/v1/rerank", {"model": "minilm", "query": "word " * 600, "documents": ["ok"]}, "query"),
+        ("/v1/rerank", {"model": "smollm2-embed", "query": "q", "documents": ["ok", "word " * 5000]}, "documents.1"),
+        # an empty text (llama.cpp would embed zero tokens), in each field that holds texts
+        ("/v1/rerank", {"model": "smollm2-embed", "query": "q", "documents": ["ok", ""]}, "documents.1"),
+        ("/v1/rerank", {"model": "smollm2-embed", "query": "q", "documents": [{"text": ""}]}, "documents.0.text"),
+        ("/v1/score", {"model": "smollm2-embed", "text_1": "q", "text_2": ["a", ""]}, "text_2.1"),
+        ("/v1/score", {"model": "smollm2-embed", "text_1": "", "text_2": "a"}, "text_1"),
     ]
     for path, body, param in cases:
         r = http.post(path, json=body, timeout=600)
         status = 404 if body.get("model") == "nope" else 400
         assert r.status_code == status and r.json()["error"]["param"] == param, (path, body.get("model"), r.text[:300])
+        err = r.json()["error"]
+        if err["code"] == "context_length_exceeded" and "limits." not in err["message"]:  # an engine's: the same field
+            assert err["message"].startswith(f"{param} has "), r.text[:300]
     # the native APIs' body validation is BentoML's own (a 400 in its shape, as for /chat)
     assert http.post("/tokenize", json={"model": "smollm2"}).status_code == 400
     assert rerank(http, model="rerank-tiny", query="q", documents=["ok"])["results"][0]["index"] == 0
 
 
-def test_concurrent_reranks_share_forward_passes(http, cross_encoder):
-    rerank(http, model="rerank-tiny", query="warm", documents=["up"])
-    before = http.get("/v1/models/rerank-tiny").json()["score_batches"]
+def test_a_long_query_counts_once_per_document_on_a_cross_encoder(http):
+    """A cross-encoder reads the query with every document: 256 documents of a 5,000-character
+    query are 1.28 M characters to read, past limits.max_prompt_chars (200,000), refused at once
+    naming the query; a bi-encoder embeds the query once, so there the same request is served."""
+    body = {"model": "rerank-tiny", "query": "word " * 1000, "documents": ["a"] * 256}
+    err = error(http.post("/v1/rerank", json=body))
+    assert err["param"] == "query" and "limits.max_prompt_chars" in err["message"]
+    err = error(http.post("/v1/score", json={"model": "rerank-tiny", "text_1": body["query"], "text_2": body["documents"]}))
+    assert err["param"] == "text_1"
+    assert len(rerank(http, **{**body, "model": "minilm", "query": "word " * 100})["results"]) == 256
+
+
+@pytest.mark.parametrize("alias", ["smollm2", "smollm2-hf"])
+def test_tokenize_of_a_continued_final_message_is_the_prompt_the_chat_route_counts(http, alias):
+    messages = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "The color is"}]
+    chat = http.post("/v1/chat/completions", json={"model": alias, "messages": messages, "max_tokens": 1,
+                                                   "continue_final_message": True}).json()
+    tok = http.post("/tokenize", json={"model": alias, "messages": messages, "continue_final_message": True,
+                                       "add_generation_prompt": False}).json()  # vLLM's pairing of the two
+    assert tok["count"] == chat["usage"]["prompt_tokens"]
+    assert http.post("/tokenize", json={"model": alias, "messages": messages, "continue_final_message": True}
+                     ).json()["tokens"] == tok["tokens"]
+    closed = http.post("/tokenize", json={"model": alias, "messages": messages}).json()
+    assert closed["count"] > tok["count"]  # the assistant turn closed, a new one opened
+    text = http.post("/detokenize", json={"model": alias, "tokens": tok["tokens"]}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nThe color is")  # special tokens kept, as vLLM decodes
+
+
+@pytest.mark.parametrize("alias", ["minilm", "rerank-tiny"])
+def test_detokenize_keeps_special_tokens_as_vllm_does(http, alias, cross_encoder):
+    special = http.post("/tokenize", json={"model": alias, "prompt": "hello world"}).json()
+    assert http.post("/detokenize", json={"model": alias, "tokens": special["tokens"]}).json() == {
+        "prompt": "[CLS] hello world [SEP]"}
+
+
+def test_tokenize_returns_token_strs_on_each_engine(http, cross_encoder):
+    strs = {}
+    for alias in ("smollm2", "smollm2-hf", "minilm"):
+        out = http.post("/v1/tokenize", json={"model": alias, "prompt": "Hello world", "add_special_tokens": False,
+                                              "return_token_strs": True}).json()
+        assert len(out["token_strs"]) == out["count"], out
+        strs[alias] = out["token_strs"]
+    assert strs["smollm2"] == strs["smollm2-hf"] == ["Hello", "Ġworld"]  # the vocabulary's own strings
+    assert strs["minilm"] == ["hello", "world"]
+    assert http.post("/tokenize", json={"model": "smollm2", "prompt": "a"}).json()["token_strs"] is None
+
+
+# -- on a server whose batched passes wait while a file exists (backends/faults.py: Hold) ---------
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory, cross_encoder):
+    """A server of its own: its InputBatcher passes wait while ``gate`` exists, so a test lines
+    requests up behind a pass and lets it go; drain_timeout 0, so an unload does not wait for them."""
+    gate = tmp_path_factory.mktemp("hold") / "gate"
+    server = start_server({"LLMSERVE_HOLD_FILE": str(gate), "LLMSERVE_LIMITS__DRAIN_TIMEOUT": "0"},
+                          name="test-server-held")
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        rerank(client, model="rerank-tiny", query="warm", documents=["up"])
+        yield server, client, gate
+    server.stop()
+
+
+def _row(client):
+    return client.get("/v1/models/rerank-tiny").json()
+
+
+def test_concurrent_reranks_share_forward_passes(held):
+    """16 reranks arrive while one pass is held: once it goes, the 15 behind it run as one pass."""
+    _, client, gate = held
+    before = _row(client)["score_batches"]
+    gate.touch()
     queries = [f"question {i} about cats" for i in range(16)]
     with cf.ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda q: rerank(http, model="rerank-tiny", query=q, documents=DOCS), queries))
-    passes = http.get("/v1/models/rerank-tiny").json()["score_batches"] - before
-    assert passes < len(queries), "every request ran its own forward pass"
-    alone = rerank(http, model="rerank-tiny", query=queries[3], documents=DOCS)
+        futures = [pool.submit(rerank, client, model="rerank-tiny", query=q, documents=DOCS) for q in queries]
+        wait_for(lambda: _row(client)["running_requests"] == 16, "16 reranks waiting", every=0.02)
+        gate.unlink()
+        answers = [f.result() for f in futures]
+    assert _row(client)["score_batches"] - before == 2  # the first request's pass, then the other 15's
+    alone = rerank(client, model="rerank-tiny", query=queries[3], documents=DOCS)
     assert [r["relevance_score"] for r in answers[3]["results"]] == pytest.approx(
         [r["relevance_score"] for r in alone["results"]], abs=1e-5)
 
 
-def test_a_client_that_leaves_is_dropped_from_the_batch(server, http, cross_encoder):
-    """B waits behind A's forward pass; B's client leaves; B never runs (one pass, A's), and the
+def test_a_client_that_leaves_is_dropped_from_the_batch(held):
+    """B waits behind A's held pass; B's client leaves; B never runs (one pass, A's), and the
     alias's in-use count and its engine's count go back to zero."""
-    rerank(http, model="rerank-tiny", query="warm", documents=["up"])
-    row = lambda: http.get("/v1/models/rerank-tiny").json()  # noqa: E731
-    before = row()["score_batches"]
-    # 256 pairs of ~390 tokens (one per letter), within limits.max_prompt_chars: ~1 s of forward pass
-    long_docs = [f"{i} " + "a b c d e f g h " * 48 for i in range(256)]
+    server, client, gate = held
+    before = _row(client)["score_batches"]
+    gate.touch()
     with cf.ThreadPoolExecutor(1) as pool:
-        a = pool.submit(rerank, http, model="rerank-tiny", query="long", documents=long_docs)
-        wait_for(lambda: a.done() or row()["running_requests"] >= 1, "A reached the engine", every=0.005)
-        assert not a.done(), a.result()
+        a = pool.submit(rerank, client, model="rerank-tiny", query="long", documents=DOCS)
+        wait_for(lambda: _row(client)["running_requests"] >= 1, "A reached the engine", every=0.02)
         b = send_and_keep_open(server, "/v1/rerank", {"model": "rerank-tiny", "query": "short", "documents": ["one"]})
-        wait_for(lambda: row()["running_requests"] >= 2, "B waits behind A", every=0.005)
+        wait_for(lambda: _row(client)["running_requests"] >= 2, "B waits behind A", every=0.02)
         b.close()
-        wait_for(lambda: row()["in_use"] <= 1, "B's place was given back")
-        assert not a.done(), "A ended before B had left: the test saw nothing (make A longer)"
-        assert len(a.result()["results"]) == 256
-    wait_for(lambda: row()["in_use"] == 0 and row()["running_requests"] == 0, "every count back at zero")
-    assert row()["score_batches"] - before == 1, "B's pair ran after its client had left"
+        wait_for(lambda: _row(client)["in_use"] <= 1, "B's place was given back")
+        assert not a.done()
+        gate.unlink()
+        assert len(a.result()["results"]) == 3
+    wait_for(lambda: _row(client)["in_use"] == 0 and _row(client)["running_requests"] == 0, "every count back at zero")
+    assert _row(client)["score_batches"] - before == 1, "B's pair ran after its client had left"
 
+
+def test_an_unload_under_a_held_batch_answers_503_retry_and_the_model_loads_again(held):
+    """A's pass is held and B waits behind it when the model is unloaded: both get a 503 that
+    says to retry (not a 500 from a pass on an engine that is gone), and the next rerank loads it."""
+    _, client, gate = held
+    gate.touch()
+    with cf.ThreadPoolExecutor(2) as pool:
+        post = lambda q: client.post("/v1/rerank", json={"model": "rerank-tiny", "query": q, "documents": DOCS})  # noqa: E731
+        a = pool.submit(post, "a")
+        wait_for(lambda: _row(client)["running_requests"] >= 1, "A reached the engine", every=0.02)
+        b = pool.submit(post, "b")
+        wait_for(lambda: _row(client)["running_requests"] >= 2, "B waits behind A", every=0.02)
+        assert client.post("/v1/models/rerank-tiny/unload").json()["was_loaded"] is True
+        gate.unlink()
+        for answer in (a.result(), b.result()):
+            err = error(answer, 503)
+            assert err["code"] == "model_unloaded" and "retry" in err["message"], err
+    assert rerank(client, model="rerank-tiny", query="q", documents=["d"])["results"][0]["index"] == 0
 
 
 def test_langchains_cohere_reranker_works_unchanged_against_v2(server):

@@ -10,6 +10,7 @@ from backends.base import CHAT
 from .. import tools
 from ..errors import APIError, InvalidRequest, to_api_error
 from ..schemas import ChatCompletionRequest
+from .base import Serving
 from .chunks import Shape
 from .generation import GenerationServing, Prompt, Result
 
@@ -22,6 +23,15 @@ _UNSUPPORTED = {
 }
 
 
+def chat_tools(serving: Serving, req: ChatCompletionRequest, alias: str) -> tools.ChatTools:
+    """A chat request's ChatTools on its alias, its conversation checked against
+    limits.max_prompt_chars: the chat route's prompt, shared with tokenize and count_tokens
+    (serving/retrieval.py), so they count what the chat route reads."""
+    calls = tools.ChatTools(req, serving.settings.models.get(alias))
+    serving._check_prompt_size(sum(len(m.text()) for m in req.messages))
+    return calls
+
+
 class ChatServing(GenerationServing):
     async def chat(self, req: ChatCompletionRequest) -> Result:
         alias = req.model or self.settings.default_model
@@ -32,8 +42,7 @@ class ChatServing(GenerationServing):
         if req.modalities not in (None, ["text"]):
             raise InvalidRequest("Only text output is supported (`modalities: [\"text\"]`).", param="modalities",
                                  code="unsupported_parameter")
-        calls = tools.ChatTools(req, self.settings.models.get(alias))
-        self._check_prompt_size(sum(len(m.text()) for m in req.messages))
+        calls = chat_tools(self, req, alias)
 
         async def encode(backend) -> list[Prompt]:
             return [Prompt(await calls.encode(backend))]

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
+
+from pydantic import ValidationError
 
 from backends.base import CHAT, EMBEDDINGS, RERANK, Backend
+from backends.errors import EngineError, Unloaded
 
-from .. import tools
-from ..errors import APIError, InvalidRequest, internal_error, to_api_error
+from ..errors import APIError, InvalidRequest, internal_error, to_api_error, validation_error_to_api_error
 from ..retrieval_schemas import DetokenizeRequest, RerankRequest, ScoreRequest, TokenizeRequest
 from ..schemas import ChatCompletionRequest
 from .base import Serving
+from .chat import chat_tools
 
-# how each score type is served: the capability the alias's engine needs
-_SERVED_BY = {"cross-encoder": RERANK, "bi-encoder": EMBEDDINGS}
+# tokenize fields of vLLM's this server refuses: the chat route renders with the alias's template only
+_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs")
 
 
 class RetrievalServing(Serving):
@@ -34,36 +37,48 @@ class RetrievalServing(Serving):
         same template, tools rendering and alias default."""
         alias = req.model or self.settings.default_model
         async with self.manager.use(alias, CHAT, sequences=0) as backend:
-            return len(await self._chat_ids(req, alias, backend))
-
-    async def _chat_ids(self, req: ChatCompletionRequest, alias: str, backend: Backend) -> list[int]:
-        """The chat route's prompt ids (serving/chat.py: ChatTools' encode)."""
-        calls = tools.ChatTools(req, self.settings.models.get(alias))
-        self._check_prompt_size(sum(len(m.text()) for m in req.messages))
-        return await calls.encode(backend)
+            return len(await chat_tools(self, req, alias).encode(backend))
 
     async def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's /tokenize: a prompt's ids, or a conversation's through the chat route's path."""
         alias = req.model or self.settings.default_model
-        if req.return_token_strs:
-            raise InvalidRequest("`return_token_strs` is not supported by this server.", param="return_token_strs",
-                                 code="unsupported_parameter")
+        for name in _TEMPLATE_FIELDS:
+            if getattr(req, name) is not None:
+                raise InvalidRequest(f"`{name}` is not supported by this server: a conversation is tokenized with "
+                                     "the alias's chat template, as the chat route renders it.", param=name,
+                                     code="unsupported_parameter")
         if req.messages is None:
             self._check_chars(len(req.prompt), "prompt")
             # sequences=0: tokenizing takes no place in the engine's batch (nor its max_pending)
             async with self.manager.use(alias, None, sequences=0) as backend:
                 ids = await self._engine_call(backend, backend.encode_text(req.prompt, req.add_special_tokens is not False))
-                return _tokens(ids, backend)
+                return await self._tokens(ids, backend, req.return_token_strs)
         if req.add_special_tokens:
             raise InvalidRequest("`add_special_tokens` with `messages` is not supported by this server: the chat "
                                  "template writes the special tokens the model wants.", param="add_special_tokens",
                                  code="unsupported_value")
-        chat = ChatCompletionRequest.model_validate({"model": alias, "messages": req.messages, "tools": req.tools})
+        try:  # the chat route's own checks (continue_final_message needs a final assistant message)
+            chat = ChatCompletionRequest.model_validate({"model": alias, "messages": req.messages, "tools": req.tools,
+                                                         "continue_final_message": req.continue_final_message})
+        except ValidationError as exc:
+            raise validation_error_to_api_error(exc.errors()) from None
         async with self.manager.use(alias, CHAT, sequences=0) as backend:
-            rendering = backend if req.add_generation_prompt else _WithoutGenerationPrompt(backend)
-            return _tokens(await self._chat_ids(chat, alias, rendering), backend)
+            ids = await chat_tools(self, chat, alias).encode(backend, generation_prompt=req.add_generation_prompt)
+            return await self._tokens(ids, backend, req.return_token_strs)
+
+    async def _tokens(self, ids: list[int], backend: Backend, strs: bool) -> dict[str, Any]:
+        token_strs = None
+        if strs:
+            convert = getattr(backend, "token_strs", None)
+            if convert is None:
+                raise InvalidRequest(f"`return_token_strs` is not supported by the {backend.name} engine that serves "
+                                     "this model.", param="return_token_strs", code="unsupported_parameter")
+            token_strs = await self._engine_call(backend, convert(ids))
+        return {"count": len(ids), "max_model_len": backend.context_length(), "tokens": ids, "token_strs": token_strs}
 
     async def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's /detokenize: the text of the ids, special tokens kept (vLLM's tokenizer.decode), so
+        what /tokenize gave with add_special_tokens or from messages comes back whole."""
         alias = req.model or self.settings.default_model
         async with self.manager.use(alias, None, sequences=0) as backend:
             vocab = backend.vocab_size()
@@ -74,15 +89,17 @@ class RetrievalServing(Serving):
             if decode is None:
                 raise InvalidRequest(f"Detokenizing is not supported by the {backend.name} engine that serves this "
                                      "model.", param="model", code="unsupported_capability")
-            return {"prompt": await self._engine_call(backend, decode(req.tokens))}
+            return {"prompt": await self._engine_call(backend, decode(req.tokens, special=True))}
 
     # -- relevance ----------------------------------------------------------------------------
     async def rerank(self, req: RerankRequest, version: int = 1) -> dict[str, Any]:
         """The documents by relevance to the query (Cohere's / Jina's shape; ``version`` 2: Cohere v2)."""
         alias = req.model or self.settings.embedding_model or self.settings.default_model
         docs = req.texts()
-        self._check_documents(len(docs), len(req.query) + sum(map(len, docs)), "documents")
-        values, tokens = await self._scores(alias, [(req.query, d) for d in docs], "documents")
+        self._check_count(len(docs), "documents")
+        pairs = _Pairs([(req.query, d) for d in docs], ("query", "documents"),
+                       [("query", f"documents.{i}") for i in range(len(docs))])
+        values, tokens = await self._scores(alias, pairs)
         order = sorted(range(len(docs)), key=lambda i: -values[i])[:req.top_n or len(docs)]
         results = [{"index": i, "relevance_score": values[i],
                     **({"document": {"text": docs[i]}} if req.return_documents else {})} for i in order]
@@ -93,47 +110,91 @@ class RetrievalServing(Serving):
     async def score(self, req: ScoreRequest) -> dict[str, Any]:
         """One score per pair (vLLM's /score)."""
         alias = req.model or self.settings.embedding_model or self.settings.default_model
-        pairs = req.pairs()
-        self._check_documents(len(pairs), sum(len(a) + len(b) for a, b in pairs), "text_2")
-        values, tokens = await self._scores(alias, pairs, "text_2")
+        texts = req.pairs()
+        self._check_count(len(texts), "text_2")
+
+        def name(field: str, value, i: int) -> str:
+            return field if isinstance(value, str) else f"{field}.{i if len(value) > 1 else 0}"
+
+        names = [(name("text_1", req.text_1, i), name("text_2", req.text_2, i)) for i in range(len(texts))]
+        values, tokens = await self._scores(alias, _Pairs(texts, ("text_1", "text_2"), names))
         return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "model": alias,
                 "data": [{"index": i, "object": "score", "score": v} for i, v in enumerate(values)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    async def _scores(self, alias: str, pairs: list[tuple[str, str]], param: str) -> tuple[list[float], int]:
+    async def _scores(self, alias: str, pairs: "_Pairs") -> tuple[list[float], int]:
         """Each pair's relevance and the prompt tokens read, on the alias's score type."""
         kind = self.manager.config(alias).score_type()
         if kind is None:  # refused before a generation model is loaded for nothing
             raise InvalidRequest(f"Model {alias!r} cannot rerank or score: it is a generation model (task "
                                  f"{self.manager.config(alias).task}). Pick a rerank or embedding model (GET /v1/models "
                                  "lists each one's score_type).", param="model", code="unsupported_capability")
-        async with self.manager.use(alias, _SERVED_BY[kind]) as backend:
-            if kind == "cross-encoder":
-                result = await self._engine_call(backend, backend.score(pairs), param)
+        if kind == "cross-encoder":
+            self._check_reads(pairs, [a for a, _ in pairs.texts], [b for _, b in pairs.texts], "every pair is read whole, the first text once per pair")
+            async with self.manager.use(alias, RERANK) as backend:
+                async def rename(exc: EngineError) -> None:  # exc.index: the pair
+                    first, second = pairs.names[exc.index]
+                    if exc.code == "context_length_exceeded":  # the query alone may be what is too long
+                        query = await backend.encode_text(pairs.texts[exc.index][0])
+                        if len(query) >= backend.context_length():
+                            exc.param, exc.message = first, (
+                                f"{first} has {len(query)} tokens by itself, more than this model's maximum of "
+                                f"{backend.context_length()} for a pair; shorten it.")
+                            return
+                    _rename(exc, second)
+
+                result = await self._engine_call(backend, backend.score(pairs.texts), rename)
                 return result.values, result.prompt_tokens
-            texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each text embedded once
-            result = await self._engine_call(backend, backend.embed(texts), param)
+        # a bi-encoder embeds each text once, and names the first field that held it
+        where: dict[str, str] = {}
+        for (a, b), (name_a, name_b) in zip(pairs.texts, pairs.names):
+            where.setdefault(a, name_a)
+            where.setdefault(b, name_b)
+        texts = list(where)
+        firsts = {a for a, _ in pairs.texts}
+        self._check_reads(pairs, list(firsts), [t for t in texts if t not in firsts], "each text is embedded once")
+        async with self.manager.use(alias, EMBEDDINGS) as backend:
+            async def rename(exc: EngineError) -> None:  # exc.index: the text
+                _rename(exc, where[texts[exc.index]])
+
+            result = await self._engine_call(backend, backend.embed(texts), rename)
         vectors = dict(zip(texts, result.vectors))
-        return [_cosine(vectors[a], vectors[b]) for a, b in pairs], result.prompt_tokens
+        return [_cosine(vectors[a], vectors[b]) for a, b in pairs.texts], result.prompt_tokens
 
     @staticmethod
-    async def _engine_call(backend: Backend, work, param: Optional[str] = None):
-        """An engine call's answer; its errors as API errors (the input an engine names, "input"
-        of embeddings or "documents" of a cross-encoder, is the request's ``param``)."""
+    async def _engine_call(backend: Backend, work: Awaitable,
+                           rename: Optional[Callable[[EngineError], Awaitable[None]]] = None):
+        """An engine call's answer; its errors as API errors: an input the engine names by its
+        place in what it was given (``index``) named as the request's field (``rename``); an
+        unload under the call a 503 to retry."""
         try:
             return await work
+        except Unloaded as exc:
+            raise APIError(f"Model {backend.alias!r} was unloaded while this request ran; retry (the next request "
+                           "loads it again).", status=503, type="server_error", code="model_unloaded",
+                           headers={"Retry-After": "1"}) from exc
         except Exception as exc:
-            err = to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")
-            if param and err.param in ("input", "documents"):
-                err.param, err.message = param, err.message.replace(f"{err.param}[", f"{param}[", 1)
-            raise err from exc
+            if rename is not None and isinstance(exc, EngineError) and exc.index is not None:
+                await rename(exc)
+            raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
 
-    def _check_documents(self, count: int, chars: int, param: str) -> None:
+    def _check_count(self, count: int, param: str) -> None:
         limit = self.settings.limits.max_rerank_documents
         if count > limit:
             raise InvalidRequest(f"{count} {param} given; at most {limit} per request (limits.max_rerank_documents).",
                                  param=param, code="too_many_inputs")
-        self._check_chars(chars, param)
+
+    def _check_reads(self, pairs: "_Pairs", firsts: list[str], seconds: list[str], how: str) -> None:
+        """limits.max_prompt_chars over what the engine reads (``how``), naming the side that holds
+        the more of it: a cross-encoder reads a rerank's query once per document."""
+        one, two = sum(map(len, firsts)), sum(map(len, seconds))
+        limit = self.settings.limits.max_prompt_chars
+        if one + two > limit:
+            first, second = pairs.sides
+            raise InvalidRequest(f"The engine would read {one + two} characters for this request ({how}: {one} of "
+                                 f"{first}, {two} of {second}), more than this server's limit of {limit} "
+                                 "(limits.max_prompt_chars).", param=first if one >= two else second,
+                                 code="context_length_exceeded")
 
     def _check_chars(self, chars: int, param: str) -> None:
         try:
@@ -143,22 +204,18 @@ class RetrievalServing(Serving):
             raise
 
 
-class _WithoutGenerationPrompt:
-    """A backend whose chat rendering leaves out the assistant turn's opening (tokenize's
-    add_generation_prompt: false), so ChatTools renders tools and templates as for a chat."""
+class _Pairs:
+    """A rerank's or score's (first, second) texts, the request's two fields (``sides``) and each
+    pair's own field names (``names``: "query" and "documents.3", "text_1.0" and "text_2.2")."""
 
-    def __init__(self, backend: Backend):
-        self._backend = backend
-
-    def __getattr__(self, name: str):
-        return getattr(self._backend, name)
-
-    async def encode_chat(self, messages, tools=None, template=None):
-        return await self._backend.encode_chat(messages, tools=tools, template=template, generation_prompt=False)
+    def __init__(self, texts: list[tuple[str, str]], sides: tuple[str, str], names: list[tuple[str, str]]):
+        self.texts, self.sides, self.names = texts, sides, names
 
 
-def _tokens(ids: list[int], backend: Backend) -> dict[str, Any]:
-    return {"count": len(ids), "max_model_len": backend.context_length(), "tokens": ids, "token_strs": None}
+def _rename(exc: EngineError, name: str) -> None:
+    """An engine error about its input ``param[index]`` said of the request's field ``name``."""
+    exc.message = exc.message.replace(f"{exc.param}[{exc.index}]", name, 1)
+    exc.param = name
 
 
 def _cosine(a: list[float], b: list[float]) -> float:

@@ -69,34 +69,37 @@ class ChatTools:
         self.parser_name = config.tool_parser if config else None
         self.format: ToolFormat = FORMATS["json"]
 
-    async def encode(self, backend) -> list[int]:
-        """Token ids of the conversation through the chat template, with the tools."""
+    async def encode(self, backend, generation_prompt: bool = True) -> list[int]:
+        """Token ids of the conversation through the chat template, with the tools, ending with
+        the assistant turn's opening unless ``generation_prompt`` is false (tokenize's
+        add_generation_prompt; a continued final message keeps its turn's opening)."""
         self.format = FORMATS[self.parser_name] if self.parser_name else detect(self.template or backend.chat_template())
         messages, tools = self.format.render(self.req, self.tools)
         self.prompt_chars = sum(len(m.get("content") or "") for m in messages)
         try:
-            return await self._encode(backend, messages, tools)
+            return await self._encode(backend, messages, tools, generation_prompt)
         except (InvalidRequest, engine_errors.BadInput):
             # a template that forbids a system role: the system text goes into the first user turn
             if not (self.tools and messages[0]["role"] == "system" and len(messages) > 1
                     and messages[1]["role"] == "user"):
                 raise
             first = {**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
-            return await self._encode(backend, [first, *messages[2:]], tools)
+            return await self._encode(backend, [first, *messages[2:]], tools, generation_prompt)
 
-    async def _encode(self, backend, messages, tools):
+    async def _encode(self, backend, messages, tools, generation_prompt):
         if self.req.continue_final_message:
             # the turns before, up to the assistant's opening, then the prefill's own tokens: the
             # model writes on from there (templates differ in how they close a last assistant turn)
             *messages, last = messages
             head = await self._encode_turns(backend, messages, tools)
             return head + await backend.encode_text(last.get("content") or "", special=False)
-        return await self._encode_turns(backend, messages, tools)
+        return await self._encode_turns(backend, messages, tools, generation_prompt)
 
-    async def _encode_turns(self, backend, messages, tools):
-        if tools is None and self.template is None:  # engines of one's own may take messages only
+    async def _encode_turns(self, backend, messages, tools, generation_prompt=True):
+        if tools is None and self.template is None and generation_prompt:  # engines of one's own may take messages only
             return await backend.encode_chat(messages)
-        return await backend.encode_chat(messages, tools=tools, template=self.template)
+        return await backend.encode_chat(messages, tools=tools, template=self.template,
+                                         generation_prompt=generation_prompt)
 
     def grammar(self) -> Optional[CallGrammar]:
         return self.format.grammar(self.req, self.tools) if self.tools else None

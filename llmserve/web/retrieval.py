@@ -8,23 +8,18 @@ the BentoML native APIs of service.py, on the same operations (llmserve/serving/
 from fastapi import APIRouter, Depends, Request
 
 from ..retrieval_schemas import DetokenizeRequest, RerankRequest, ScoreRequest, TokenizeRequest
-from ..serving import OpenAIOperations
 from .auth import check_api_key
 from .responding import while_connected
 
 router = APIRouter(dependencies=[Depends(check_api_key)])
 
 
-def ops(request: Request) -> OpenAIOperations:
-    return request.app.state.ops
-
-
 def _route(path: str, body: type, operation: str) -> None:
     """POST ``path``: the body validated as ``body``, answered by the operation of that name
     (cancelled when the client leaves)."""
 
-    async def handle(req: body, request: Request, o: OpenAIOperations = Depends(ops)):
-        return await while_connected(request, getattr(o, operation)(req))
+    async def handle(req: body, request: Request):
+        return await while_connected(request, getattr(request.app.state.ops, operation)(req))
 
     router.add_api_route(path, handle, methods=["POST"], name=operation)
 
