@@ -116,6 +116,9 @@ def from_engine_error(exc: engine_errors.EngineError) -> APIError:
         err: APIError = EngineNotInstalled(exc.backend, exc.module, exc.alias)
     elif isinstance(exc, engine_errors.BadInput):
         err = InvalidRequest(exc.message, param=exc.param, code=exc.code)
+    elif isinstance(exc, engine_errors.Unloaded):  # nothing wrong on either side: the next request loads it
+        message = exc.message if "retry" in exc.message else exc.message.rstrip(".") + "; retry (the next request loads it again)."
+        err = APIError(message, status=503, type="server_error", code=exc.code, headers={"Retry-After": "1"})
     else:
         err = internal_error(exc, exc.message)
         err.code = exc.code or err.code

@@ -314,11 +314,11 @@ async def test_an_unexpected_error_is_a_500_with_an_error_id_and_no_exception_te
 
     from starlette.requests import Request
 
-    from llmserve.web.app import _unexpected
+    from llmserve.web.app import _error
 
     request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []})
     with caplog.at_level("ERROR", logger="llmserve"):
-        response = await _unexpected(request, RuntimeError("secret detail /etc/passwd"))
+        response = await _error(request, RuntimeError("secret detail /etc/passwd"))
     err = _json.loads(response.body)["error"]
     assert response.status_code == 500 and err["type"] == "server_error" and err["code"] == "internal_error"
     assert "secret detail" not in response.body.decode() and "RuntimeError" not in response.body.decode()

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Optional
 from pydantic import ValidationError
 
 from backends.base import CHAT, EMBEDDINGS, RERANK, Backend
-from backends.errors import EngineError, Unloaded
+from backends.errors import EngineError
 
 from ..errors import APIError, InvalidRequest, internal_error, to_api_error, validation_error_to_api_error
 from ..retrieval_schemas import DetokenizeRequest, RerankRequest, ScoreRequest, TokenizeRequest
@@ -169,11 +169,7 @@ class RetrievalServing(Serving):
         unload under the call a 503 to retry."""
         try:
             return await work
-        except Unloaded as exc:
-            raise APIError(f"Model {backend.alias!r} was unloaded while this request ran; retry (the next request "
-                           "loads it again).", status=503, type="server_error", code="model_unloaded",
-                           headers={"Retry-After": "1"}) from exc
-        except Exception as exc:
+        except Exception as exc:  # an Unloaded: a 503 to retry (errors.from_engine_error)
             if rename is not None and isinstance(exc, EngineError) and exc.index is not None:
                 await rename(exc)
             raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
