@@ -136,6 +136,12 @@ def to_api_error(exc: BaseException) -> Optional[APIError]:
     return None
 
 
+def engine_failed(exc: BaseException, engine: str) -> APIError:
+    """What a client is told of an exception from an engine's work: its API error (a client
+    mistake, an unload), else a 500 that names the engine (the details go to the log)."""
+    return to_api_error(exc) or internal_error(exc, f"The {engine} engine failed.")
+
+
 def internal_error(exc: BaseException, message: str = "The server failed on this request.") -> APIError:
     """A 500 that says ``message`` and an error id, never the exception's text: that goes to
     the log under the id (with the stack trace where there is one)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from backends.base import EMBEDDINGS, Backend
 
-from ..errors import InvalidRequest, internal_error, to_api_error
+from ..errors import InvalidRequest, engine_failed
 from ..schemas import EmbeddingRequest
 from ..token_input import token_id_texts
 from .base import Serving
@@ -29,7 +29,7 @@ class EmbeddingServing(Serving):
             try:
                 result = await backend.embed(texts)
             except Exception as exc:
-                raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
+                raise engine_failed(exc, backend.name) from exc
         size = len(result.vectors[0]) if result.vectors else None
         if req.dimensions is not None and req.dimensions != size:
             raise InvalidRequest(f"`dimensions` is {req.dimensions}, but model {alias!r} makes embeddings of {size} "

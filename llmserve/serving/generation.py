@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Optional, Union
 from backends.base import ADMITTED, Delta, TokenLogprob
 from backends.text import with_stops
 
-from ..errors import InvalidRequest, internal_error, to_api_error
+from ..errors import InvalidRequest, engine_failed
 from ..metrics import RequestMetrics
 from .base import Serving
 from .chunks import Shape, json_text, sse_event, usage
@@ -110,7 +110,7 @@ class GenerationServing(Serving):
             status = got.last.finish_reason or "stop"
         except Exception as exc:
             status = "error"
-            raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
+            raise engine_failed(exc, backend.name) from exc
         finally:
             metrics.finish(status)
             await deltas.aclose()
@@ -152,7 +152,7 @@ class GenerationServing(Serving):
                 yield sse_event({**meta, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         except Exception as exc:
             status = "error"
-            yield sse_event((to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")).body())
+            yield sse_event(engine_failed(exc, backend.name).body())
         finally:
             # runs too when the client goes away: closing `deltas` stops the engine's work
             metrics.finish(status)
@@ -189,7 +189,7 @@ class GenerationServing(Serving):
                     continue
                 if isinstance(d, BaseException):
                     metrics[i].finish("error")
-                    err = to_api_error(d) or internal_error(d, f"The {backend.name} engine failed.")
+                    err = engine_failed(d, backend.name)
                     yield sse_event(err.body())
                     continue
                 counts[i] = d.completion_tokens if shape.output else 0

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from ..config import Settings
 from ..errors import APIError, InvalidRequest, validation_error_to_api_error
 from . import OpenAIOperations
+from .chunks import read_chat_stream
 from .generation import EventStream
 from ..response_store import ResponseStore, default_path
 from ..responses_schemas import (FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputItem, MessageItem,
@@ -131,25 +132,21 @@ class ResponsesOperations:
         output = OutputItems(w)
         usage: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0}
         finish, error = None, None
+        reader = read_chat_stream(chunks)
         try:
             yield w.event("response.created", response=run.response("in_progress", [], None))
             yield w.event("response.in_progress", response=run.response("in_progress", [], None))
-            async for sse in chunks:
-                if not sse.startswith("data: {"):
-                    continue  # data: [DONE]
-                chunk = json.loads(sse[6:])
-                if "error" in chunk:
-                    error = chunk["error"]
-                    continue
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk["choices"]:
-                    delta = choice["delta"]
-                    if delta.get("content"):
-                        yield output.text(delta["content"])
-                    for call in delta.get("tool_calls") or ():
-                        yield output.call(call)
-                    finish = choice["finish_reason"] or finish
+            async for kind, value in reader:
+                if kind == "text":
+                    yield output.text(value)
+                elif kind == "call":
+                    yield output.call(value)
+                elif kind == "finish":
+                    finish = value["finish_reason"]
+                elif kind == "usage":
+                    usage = value
+                else:
+                    error = value
             if error is not None:
                 closing = output.close("error")
                 if closing:
@@ -167,6 +164,7 @@ class ResponsesOperations:
             yield w.event(final, response=response)
         finally:
             # runs too when the client goes away: closing the chat stream stops the engine's work
+            await reader.aclose()
             await chunks.aclose()
 
 

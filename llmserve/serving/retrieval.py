@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from backends.base import CHAT, EMBEDDINGS, RERANK, Backend
 from backends.errors import EngineError
 
-from ..errors import APIError, InvalidRequest, internal_error, to_api_error, validation_error_to_api_error
+from ..errors import APIError, InvalidRequest, engine_failed, validation_error_to_api_error
 from ..retrieval_schemas import DetokenizeRequest, RerankRequest, ScoreRequest, TokenizeRequest
 from ..schemas import ChatCompletionRequest
 from .base import Serving
@@ -169,10 +169,10 @@ class RetrievalServing(Serving):
         unload under the call a 503 to retry."""
         try:
             return await work
-        except Exception as exc:  # an Unloaded: a 503 to retry (errors.from_engine_error)
+        except Exception as exc:
             if rename is not None and isinstance(exc, EngineError) and exc.index is not None:
                 await rename(exc)
-            raise (to_api_error(exc) or internal_error(exc, f"The {backend.name} engine failed.")) from exc
+            raise engine_failed(exc, backend.name) from exc  # an Unloaded is a 503 to retry
 
     def _check_count(self, count: int, param: str) -> None:
         limit = self.settings.limits.max_rerank_documents
