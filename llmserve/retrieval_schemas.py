@@ -4,12 +4,14 @@ The shapes vLLM's and llama.cpp's servers accept: rerank in the Cohere / Jina sh
 ``documents`` as strings or ``{"text": ...}``, ``top_n``, ``return_documents``), score with vLLM's
 ``text_1`` / ``text_2`` pairing, tokenize with vLLM's two bodies (``prompt``, or ``messages`` with
 ``add_generation_prompt``). The same models type the BentoML native APIs in service.py.
-Unknown fields are ignored, as in llmserve/schemas.py.
+Unknown fields are ignored, as in llmserve/schemas.py; the truncation options of vLLM and Cohere,
+which this server does not implement, are refused with a 400 naming them (unset or null they are
+not sent by LangChain's or Cohere's clients).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, ClassVar, Optional, Union
 
 from pydantic import Field, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
@@ -21,12 +23,31 @@ class TextDocument(_NullIsUnset):
     text: str
 
 
-class RerankRequest(_Body):
+class _Truncation(_Body):
+    """vLLM's truncate_prompt_tokens: a text past the context is a 400 here, not cut."""
+
+    truncate_prompt_tokens: Any = None
+    UNSERVED: ClassVar[tuple[str, ...]] = ("truncate_prompt_tokens",)
+
+    @model_validator(mode="after")
+    def _no_truncation(self):
+        for name in self.UNSERVED:
+            if getattr(self, name) is not None:
+                raise _invalid(name, "is not supported by this server: a text past the model's context is refused "
+                                     "with a 400 naming it, never truncated; leave it out and shorten the text")
+        return self
+
+
+class RerankRequest(_Truncation):
     model: Optional[str] = Field(None, description="alias of a rerank or embedding model; embedding_model when empty")
     query: str = Field(..., min_length=1)
     documents: list[Union[str, TextDocument]] = Field(..., min_length=1)
     top_n: Optional[StrictInt] = Field(None, ge=0, description="the n most relevant; 0 or none: all (as vLLM)")
     return_documents: bool = False
+    # Cohere's truncation options (max_chunks_per_doc: v1's), refused as vLLM's is
+    max_tokens_per_doc: Any = None
+    max_chunks_per_doc: Any = None
+    UNSERVED: ClassVar[tuple[str, ...]] = ("truncate_prompt_tokens", "max_tokens_per_doc", "max_chunks_per_doc")
 
     @model_validator(mode="after")
     def _no_empty_document(self) -> "RerankRequest":
@@ -39,7 +60,7 @@ class RerankRequest(_Body):
         return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
-class ScoreRequest(_Body):
+class ScoreRequest(_Truncation):
     """vLLM's pairing: one text_1 with each text_2 (1:N), or text_1[i] with text_2[i] (N:N)."""
 
     model: Optional[str] = Field(None, description="alias of a rerank or embedding model; embedding_model when empty")
