@@ -23,6 +23,10 @@ class ModelSpec(Protocol):
     llamacpp: LlamaCppArgs
     transformers: TransformersArgs
     vllm: VllmArgs
+    # LoRA adapters configured for the alias: served name -> where its files are (a PEFT
+    # directory, or for llama.cpp a LoRA GGUF); an engine that must size itself for adapters at
+    # load (vLLM's max_lora_rank) reads them here
+    adapters: dict[str, Adapter]
 
     def location(self) -> Path | str: ...
 
@@ -31,6 +35,14 @@ from .grammar import CallGrammar
 # RERANK: scores (query, document) pairs with a cross-encoder (Backend.score); embedding aliases
 # rerank too, by cosine similarity, in the serving layer (llmserve/serving/retrieval.py)
 CHAT, COMPLETION, EMBEDDINGS, RERANK = "chat", "completion", "embeddings", "rerank"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter served beside its base model under a name of its own."""
+
+    name: str  # the name requests give (SamplingParams.adapter) and the engine knows it by
+    path: Path  # a PEFT directory (adapter_config.json, adapter_model.safetensors) or a LoRA GGUF
 
 
 @dataclass
@@ -54,6 +66,7 @@ class SamplingParams:
     json_schema: Optional[dict] = None  # the output is constrained to JSON valid under this schema
     tool_grammar: Optional[CallGrammar] = None  # or to tool calls in the model's format (tool_choice)
     compiled: Any = None  # the engine's own form of the constraint, made by Backend.prepare
+    adapter: Optional[str] = None  # a loaded LoRA adapter's name (Backend.load_adapter); None: the base
 
     def greedy(self) -> bool:
         """Temperatures this small pick the most likely token (vLLM's threshold): dividing
@@ -218,6 +231,21 @@ class Backend(abc.ABC):
         """
 
     async def embed(self, inputs: list[str]) -> Embeddings:
+        raise NotImplementedError
+
+    # -- LoRA adapters ------------------------------------------------------------------
+    async def load_adapter(self, adapter: Adapter) -> None:
+        """Make ``adapter`` servable (requests name it in SamplingParams.adapter) without
+        reloading the base; requests for different adapters and the base still batch together.
+        An adapter the base cannot take (its rank past the engine's limit, target modules the
+        base lacks, another base's shapes) is a BadInput whose message names the key at fault."""
+        from .errors import BadInput
+
+        raise BadInput(f"The {self.name} engine does not serve LoRA adapters.", param="model",
+                       code="adapters_unsupported")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget a loaded adapter. The manager calls it only once no request runs with it."""
         raise NotImplementedError
 
     async def score(self, pairs: list[tuple[str, str]]) -> Scores:
