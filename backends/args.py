@@ -43,6 +43,9 @@ class TransformersArgs(StrictModel):
     random_weights: bool = False
     max_batch: int = Field(16, ge=1)  # requests decoded together; more wait in a queue
     prefill_chunk: int = Field(128, ge=1)  # prompt tokens prefilled per step beside the decoding batch
+    # the loop's prefix cache (backends/prefix_cache.py): MiB of recent prompts' keys and values kept
+    # so that a prompt starting the same way skips that part of its prefill; 0 turns it off
+    prefix_cache_mib: float = Field(256, ge=0)
     # which scheduler generates: "loop" our own BatchLoop (fastest on CPU), "paged" transformers'
     # continuous batching with a paged KV cache (transformers_paged.py); "auto": paged on a GPU
     engine: Literal["auto", "loop", "paged"] = "auto"
@@ -57,7 +60,7 @@ class TransformersArgs(StrictModel):
     def _knobs_of_the_chosen_engine(self):
         # under "auto" the engine is known only at load (the device): each ignores the other's knobs
         unused = {"loop": ("kv_cache_blocks", "kv_cache_memory_fraction", "max_batch_tokens"),
-                  "paged": ("prefill_chunk",)}.get(self.engine, ())
+                  "paged": ("prefill_chunk", "prefix_cache_mib")}.get(self.engine, ())
         for key in unused:
             if key in self.model_fields_set:
                 raise ValueError(f"`{key}` has no effect under engine: {self.engine} (it sets the "

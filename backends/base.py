@@ -114,6 +114,9 @@ class Delta:
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
     # on a last Delta that a stop sequence ended: which one (Anthropic's stop_sequence, vLLM's stop_reason)
     stop_sequence: Optional[str] = None
+    # on the first Delta with a token: prompt tokens whose KV the engine had cached and did not
+    # compute again (a shared prefix; OpenAI's usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = 0
 
 
 # The item a generation yields first once the engine has taken the request into its batch

@@ -260,6 +260,7 @@ class Slot:
     # prefix it does not decode again; while such a request prefills, its own growing list
     prompt_lp: list[Optional[TokenLogprob]] = field(default_factory=list)
     prompt_lp_k: int = 0
+    reused: int = 0  # prompt tokens of this request found in the slot's cache (not decoded again)
 
 
 class Scheduler(StepLoop):
@@ -352,6 +353,7 @@ class Scheduler(StepLoop):
             slot.prompt_lp, slot.prompt_lp_k = kept, k
         slot.cached = request.prompt[:keep]
         slot.request, slot.prefilled, slot.next_token, slot.generated = request, keep, None, 0
+        slot.reused = keep
         slot.detok = ByteDetokenizer()
         try:
             slot.sampler = self._sampler(request.params, request.extra)
@@ -480,18 +482,19 @@ class Scheduler(StepLoop):
         n = slot.generated
         # the first Delta carries the prompt's entries (a copy: the slot's list outlives it)
         prompt_lp = list(slot.prompt_lp) if n == 1 and params.prompt_logprobs is not None else None
+        cached = slot.reused if n == 1 else 0
         if self.lib.llama_vocab_is_eog(self.model.vocab, token) and not params.ignore_eos:
-            request.emit(Delta("", n, "stop", None, prompt_lp))
+            request.emit(Delta("", n, "stop", None, prompt_lp, cached_tokens=cached))
             self._release(slot)
             return
         if self._faults is not None:
             self._faults.check("detokenize", params.seed)
         text = slot.detok.add(self._token_bytes(token))
         if n >= params.max_tokens or len(slot.cached) >= self.n_ctx_seq:
-            request.emit(Delta(text, n, "length", logprobs, prompt_lp))
+            request.emit(Delta(text, n, "length", logprobs, prompt_lp, cached_tokens=cached))
             self._release(slot)
             return
-        request.emit(Delta(text, n, None, logprobs, prompt_lp))
+        request.emit(Delta(text, n, None, logprobs, prompt_lp, cached_tokens=cached))
         slot.next_token = token
 
     def _release(self, slot: Slot, forget_cache: bool = False) -> None:

@@ -32,6 +32,7 @@ from .base import (CHAT, COMPLETION, EMBEDDINGS, RERANK, Backend, Delta, Embeddi
                    TokenLogprob, release_memory)
 from .convert import gguf_to_hf_dir
 from .errors import BadInput, NotInstalled, Unloaded
+from .prefix_cache import PrefixCache
 from .scheduling import EngineThread, InputBatcher, StepLoop, StepRequest
 from .text import IncrementalDetokenizer, hf_chat_ids, hf_token_bytes, log_softmax, logprob_entry, top_logprobs
 from .transformers_paged import PagedEngine
@@ -130,7 +131,7 @@ class TransformersBackend(Backend):
             self.features = frozenset()
             return
         self.batcher = BatchLoop(torch, self.model, self.tokenizer, eos, args.max_batch, args.prefill_chunk,
-                                 name=f"hf-batch-{self.alias}")
+                                 name=f"hf-batch-{self.alias}", prefix_bytes=int(args.prefix_cache_mib * 2**20))
 
     def _dequantized(self, location: Path, gguf_file: str) -> tuple[Path, Optional[str]]:
         """Where a float32 load of a GGUF reads from: its cached dequantized directory (the one
@@ -320,6 +321,7 @@ class _Row:
     detok: IncrementalDetokenizer
     cache: Any = None  # own cache while prefilling; None once merged into the batch
     prefilled: int = 0
+    reused: int = 0  # prompt tokens whose keys and values came from the prefix cache
     generated: int = 0
     matcher: Any = None  # xgrammar's GrammarMatcher when the output is constrained
     counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
@@ -334,11 +336,14 @@ class BatchLoop(StepLoop):
     The batch is one left-padded KV cache (DynamicCache) with an attention mask. A new
     request prefills with a cache of its own, ``prefill_chunk`` tokens per step, then its
     cache is padded and joined to the batch's; a request that ends is dropped from it, and
-    columns that only padding uses are cut off.
+    columns that only padding uses are cut off. A prompt that starts like one prefilled before
+    starts its own cache from a copy of that prefix (PrefixCache).
     """
 
-    def __init__(self, torch, model, tokenizer, eos: set[int], max_batch: int, prefill_chunk: int, name: str):
+    def __init__(self, torch, model, tokenizer, eos: set[int], max_batch: int, prefill_chunk: int, name: str,
+                 prefix_bytes: int = 0):
         super().__init__(name)
+        self.prefixes = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
         self.torch, self.model, self.tokenizer, self.eos = torch, model, tokenizer, eos
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.device = model.device
@@ -439,13 +444,11 @@ class BatchLoop(StepLoop):
         first token once the prompt is done and the request goes on (to join the batch)."""
         torch = self.torch
         prompt = row.request.prompt
+        k = row.request.params.prompt_logprobs
         if row.cache is None:
-            from transformers import DynamicCache
-
-            row.cache = DynamicCache(config=self.model.config)
+            self._new_cache(row, reuse=k is None)  # prompt logprobs need every position's logits
         start = row.prefilled
         end = min(len(prompt), row.prefilled + budget)
-        k = row.request.params.prompt_logprobs
         ids = torch.tensor([prompt[row.prefilled:end]], device=self.device)
         # every position's logits only for a request that asks for the prompt's logprobs (0: all)
         out = self.model(input_ids=ids, past_key_values=row.cache, use_cache=True,
@@ -457,10 +460,31 @@ class BatchLoop(StepLoop):
             self._prompt_logprobs(row, out.logits[0], start, end, k)
         if end < len(prompt):
             return end - start, None
+        if self.prefixes is not None:
+            self.prefixes.store(prompt, row.request.params.adapter, [(l.keys, l.values) for l in row.cache.layers])
         self.prefilling.remove(row)
         logits = out.logits[0, -1]
         token = self._sample_one(logits, row, int(logits.argmax()))
         return end - start, token if self._on_token(row, token) else None
+
+    def _new_cache(self, row: _Row, reuse: bool) -> None:
+        """The row's own cache, starting with the longest cached prefix of its prompt (``reuse``)."""
+        from transformers import DynamicCache
+
+        row.cache = DynamicCache(config=self.model.config)
+        if self.prefixes is None:
+            return
+        if not all(type(layer).__name__ == "DynamicLayer" for layer in row.cache.layers):
+            # a sliding-window (or other) layer keeps only part of the keys: no prefix to copy
+            log.info("%s: the model's cache layers are not all full attention; prefix cache off", self._thread.name)
+            self.prefixes = None
+            return
+        if not reuse:
+            return
+        n, layers = self.prefixes.lookup(row.request.prompt, row.request.params.adapter)
+        for i, (keys, values) in enumerate(layers):
+            row.cache.update(keys.clone(), values.clone(), i)  # copies: the batch's cache grows from them
+        row.prefilled = row.reused = n
 
     def _prompt_logprobs(self, row: _Row, logits, start: int, end: int, k: int) -> None:
         """Adds the entries of prompt tokens ``start + 1 .. end`` to ``row.prompt_logprobs`` from
@@ -518,16 +542,17 @@ class BatchLoop(StepLoop):
         row.generated += 1
         n = row.generated
         prompt_lp, row.prompt_logprobs = row.prompt_logprobs, None  # on the first Delta only
+        cached = row.reused if n == 1 else 0
         if token in self.eos and not params.ignore_eos:
-            row.request.emit(Delta("", n, "stop", None, prompt_lp))
+            row.request.emit(Delta("", n, "stop", None, prompt_lp, cached_tokens=cached))
             return False
         if self._faults is not None:
             self._faults.check("detokenize", params.seed)
         text = row.detok.add(token)
         if n >= params.max_tokens:
-            row.request.emit(Delta(text, n, "length", row.logprobs, prompt_lp))
+            row.request.emit(Delta(text, n, "length", row.logprobs, prompt_lp, cached_tokens=cached))
             return False
-        row.request.emit(Delta(text, n, None, row.logprobs, prompt_lp))
+        row.request.emit(Delta(text, n, None, row.logprobs, prompt_lp, cached_tokens=cached))
         return True
 
     def _sample_one(self, logits, row: _Row, greedy: Optional[int]) -> int:

@@ -335,10 +335,12 @@ class VllmBackend(Backend):
                     # ~50 us per prompt token at k 5: on the tokenizer's thread, off the event loop
                     prompt_logprobs = await self._tokenizing.call(self._prompt_logprobs, prompt_ids, out.prompt_logprobs,
                                                                   params.prompt_logprobs)
+                # the prompt tokens vLLM's prefix cache held (num_cached_tokens: its own usage field)
+                cached = (getattr(out, "num_cached_tokens", None) or 0) if first else 0
                 first = False
                 # vLLM's stop_reason: the stop string that ended it (a token id for stop_token_ids: none here)
                 stop = c.stop_reason if finished and isinstance(c.stop_reason, str) else None
-                yield Delta(c.text, count, reason, logprobs, prompt_logprobs, stop)
+                yield Delta(c.text, count, reason, logprobs, prompt_logprobs, stop, cached)
         except Exception as exc:
             if engine is self.engine or isinstance(exc, Unloaded):
                 raise

@@ -36,6 +36,10 @@ REQUESTS_TOTAL = prom.Counter(
 PROMPT_TOKENS = prom.Counter(
     name="llm_prompt_tokens_total", documentation="Prompt tokens processed", labelnames=["model"]
 )
+CACHED_PROMPT_TOKENS = prom.Counter(
+    name="llm_prompt_tokens_cached_total",
+    documentation="Prompt tokens found in the engine's prefix cache (not computed again)", labelnames=["model"]
+)
 GENERATION_TOKENS = prom.Counter(
     name="llm_generation_tokens_total", documentation="Tokens generated", labelnames=["model"]
 )
@@ -72,6 +76,7 @@ class RequestMetrics:
         self.model = model
         self.start = self.last = self.flushed_at = time.perf_counter()
         self.tokens = 0
+        self.cached = 0  # prompt tokens the engine had cached (its first token's Delta says)
         self.done = False
         # the labelled children, looked up once
         self._running = REQUESTS_RUNNING.labels(model=model)
@@ -89,6 +94,9 @@ class RequestMetrics:
         now = time.perf_counter()
         if self.tokens == 0:
             self._ttft.observe(now - self.start)
+            if d.cached_tokens:
+                self.cached = d.cached_tokens
+                CACHED_PROMPT_TOKENS.labels(model=self.model).inc(d.cached_tokens)
         else:
             # one observation per token; a delta carrying several spreads its gap evenly
             gap = now - self.last

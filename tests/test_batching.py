@@ -60,7 +60,10 @@ def test_sixteen_concurrent_greedy_streams_each_match_the_request_run_alone(serv
         want = alone[PROMPTS[i % 4]]
         assert got["text"] == want["text"], f"request {i} differs from the same request alone"
         assert got["finish"] == want["finish"]
-        assert got["usage"] == want["usage"]  # its own prompt and completion counts
+        # its own prompt and completion counts (how much of the prompt was cached differs: the same
+        # prompts ran before)
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+        assert {k: got["usage"][k] for k in counts} == {k: want["usage"][k] for k in counts}
         assert 1 <= got["usage"]["completion_tokens"] <= 16
 
 

@@ -49,7 +49,8 @@ def test_a_greedy_answer_matches_the_loop_engine_token_for_token(http):
     loop = chat(http, LOOP, temperature=0, max_tokens=16)
     assert paged["choices"][0]["message"]["content"] == loop["choices"][0]["message"]["content"]
     assert "Paris" in paged["choices"][0]["message"]["content"]
-    assert paged["usage"] == loop["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # the loop may have the prompt cached
+    assert {k: paged["usage"][k] for k in counts} == {k: loop["usage"][k] for k in counts}
     assert paged["choices"][0]["finish_reason"] == loop["choices"][0]["finish_reason"] == "stop"
 
 

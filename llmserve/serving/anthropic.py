@@ -23,7 +23,7 @@ from ..anthropic_schemas import (BLOCK_SEPARATOR, CountTokensRequest, MessagesRe
 from ..errors import APIError, InvalidRequest, validation_error_to_api_error
 from ..schemas import ChatCompletionRequest
 from . import OpenAIOperations
-from .chunks import json_text, read_chat_stream
+from .chunks import cached_tokens, json_text, read_chat_stream
 from .generation import EventStream
 
 # chat fields named in the chat path's errors -> the Messages field they came from
@@ -58,7 +58,8 @@ class AnthropicOperations:
         blocks.close()
         usage = result["usage"]
         return run.message(blocks.content, _stop_reason(choice), _stop_sequence(choice),
-                           {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]})
+                           {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                            "cache_read_input_tokens": cached_tokens(usage)})
 
     async def count_tokens(self, req: CountTokensRequest) -> dict[str, int]:
         """The prompt's tokens as the same Messages request counts them in its usage."""
@@ -87,6 +88,7 @@ class AnthropicOperations:
                     finish = value
                 elif kind == "usage":
                     usage["output_tokens"] = value["completion_tokens"]
+                    usage["cache_read_input_tokens"] = cached_tokens(value)
                 else:  # an error after the first byte
                     if blocks.open is not None:
                         yield blocks.close()

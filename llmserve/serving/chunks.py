@@ -214,6 +214,13 @@ def sse_event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """The cached prompt tokens of a chat usage object (see usage)."""
+    return (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+
+
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached``: prompt tokens the engine's prefix cache held."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 

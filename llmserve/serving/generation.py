@@ -81,7 +81,7 @@ class GenerationServing(Serving):
                                       include_usage, deadline)
             else:
                 chunks = self._stream_choices(release, backend, streams, meta, prompt_tokens, metrics, shape,
-                                              include_usage, deadline)
+                                              include_usage, deadline, req.n)
             return EventStream(chunks, release, prompt_tokens)
         try:
             # a TaskGroup, not gather: when one choice fails (or the caller is cancelled: its
@@ -100,7 +100,7 @@ class GenerationServing(Serving):
         return {**meta, "choices": [shape.choice(i, r.text, r.last.finish_reason or "stop", r.logprobs,
                                                  r.prompt_logprobs, r.last.stop_sequence)
                                     for i, r in enumerate(results)],
-                "usage": usage(prompt_tokens, completion)}
+                "usage": usage(prompt_tokens, completion, _cached(metrics, req.n))}
 
     async def _collect(self, backend, deltas, metrics, deadline) -> "Collected":
         got = Collected()
@@ -149,7 +149,7 @@ class GenerationServing(Serving):
             except TimeoutError:
                 raise deadline.error() from None
             if include_usage:
-                yield sse_event({**meta, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                yield sse_event({**meta, "choices": [], "usage": usage(prompt_tokens, completion_tokens, metrics.cached)})
         except Exception as exc:
             status = "error"
             yield sse_event(engine_failed(exc, backend.name).body())
@@ -160,7 +160,7 @@ class GenerationServing(Serving):
         yield "data: [DONE]\n\n"
 
     async def _stream_choices(self, release, backend, streams, meta, prompt_tokens, metrics, shape, include_usage,
-                              deadline):
+                              deadline, n: int):
         """The general stream: choices interleaved by index, logprobs per chunk, echo, and
         tool calls (content as it comes, then each call's id and name, then its arguments).
         Each choice is read by a pump task of its own, which never waits on the client."""
@@ -202,10 +202,15 @@ class GenerationServing(Serving):
                 for c in shape.chunks(i, d):
                     yield sse_event({**meta, "choices": [c]})
             if include_usage:
-                yield sse_event({**meta, "choices": [], "usage": usage(prompt_tokens, sum(counts))})
+                yield sse_event({**meta, "choices": [], "usage": usage(prompt_tokens, sum(counts), _cached(metrics, n))})
         finally:
             await release()
         yield "data: [DONE]\n\n"
+
+
+def _cached(metrics: list[RequestMetrics], n: int) -> int:
+    """Cached prompt tokens of an answer: each prompt's once, on its first choice (as its tokens count)."""
+    return sum(m.cached for k, m in enumerate(metrics) if k % n == 0)
 
 
 async def _read(deltas, deadline: Deadline, metrics: RequestMetrics, each) -> None:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ..config import Settings
 from ..errors import APIError, InvalidRequest, validation_error_to_api_error
 from . import OpenAIOperations
-from .chunks import read_chat_stream
+from .chunks import cached_tokens, read_chat_stream
 from .generation import EventStream
 from ..response_store import ResponseStore, default_path
 from ..responses_schemas import (FunctionCallItem, FunctionCallOutputItem, FunctionTool, InputItem, MessageItem,
@@ -427,7 +427,8 @@ def _text_part(text: str) -> dict[str, Any]:
 
 def _usage(usage: dict[str, Any]) -> dict[str, Any]:
     prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+    details = {"cached_tokens": cached_tokens(usage), "cache_write_tokens": 0}
+    return {"input_tokens": prompt, "input_tokens_details": details,
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion}
 
