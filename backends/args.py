@@ -14,6 +14,30 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SpeculativeArgs(StrictModel):
+    """Speculative decoding for an alias (its ``speculative:`` key): proposed tokens are checked
+    by the model in one pass, so a greedy answer is the same as without it, only sooner where
+    the proposals are right."""
+
+    # ngram: proposals copied from the prompt where its last tokens occurred before (prompt
+    # lookup: quoting, code edits, extraction); draft: a small model of the same vocabulary
+    method: Literal["ngram", "draft"] = "ngram"
+    num_tokens: int = Field(4, ge=1, le=16)  # tokens proposed per step
+    prompt_lookup_max: int = Field(4, ge=1)  # ngram: the longest n-gram matched
+    prompt_lookup_min: int = Field(2, ge=1)  # ngram: the shortest
+    draft_model: Optional[str] = None  # draft: its directory or Hugging Face id
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("method: draft needs `draft_model` (a directory or Hugging Face id)")
+        if self.method == "ngram" and self.draft_model:
+            raise ValueError("`draft_model` is for method: draft; remove it or set method: draft")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("`prompt_lookup_min` is larger than `prompt_lookup_max`")
+        return self
+
+
 class LlamaCppArgs(StrictModel):
     n_ctx: int = Field(2048, ge=16)  # context of each request (each slot)
     parallel: int = Field(8, ge=1, le=256)  # sequences decoded together (slots)

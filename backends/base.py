@@ -8,9 +8,9 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncIterator, Callable, Optional, Protocol
 
-from .args import LlamaCppArgs, TransformersArgs, VllmArgs
+from .args import LlamaCppArgs, SpeculativeArgs, TransformersArgs, VllmArgs
 
 
 class ModelSpec(Protocol):
@@ -23,6 +23,7 @@ class ModelSpec(Protocol):
     llamacpp: LlamaCppArgs
     transformers: TransformersArgs
     vllm: VllmArgs
+    speculative: Optional[SpeculativeArgs]  # None: no speculative decoding
     # LoRA adapters configured for the alias: served name -> where its files are (a PEFT
     # directory, or for llama.cpp a LoRA GGUF); an engine that must size itself for adapters at
     # load (vLLM's max_lora_rank) reads them here
@@ -160,6 +161,11 @@ class Backend(abc.ABC):
     """load / unload / encode / generate / embed / describe for one alias."""
 
     name: str = ""
+    # set by the server once made: ``count(name, n)`` adds n to one of the engine's own counters
+    # that requests do not show ("speculative_draft_tokens", "speculative_accepted_tokens")
+    count: Callable[[str, int], None] = staticmethod(lambda name, n: None)
+    # the SpeculativeArgs methods the engine serves; an alias asking for another fails to load
+    speculative_methods: frozenset[str] = frozenset()
     # request fields beyond plain sampling that generate() honours (SamplingParams.features);
     # a request using any other gets a 400 naming the field and the engine
     features: frozenset[str] = frozenset()
@@ -200,6 +206,8 @@ class Backend(abc.ABC):
             "capabilities": sorted(self.capabilities()),
             "context_length": self.context_length(),
             "running_requests": self.running_requests(),
+            **({"speculative": spec.model_dump(exclude_none=True)}
+               if (spec := getattr(self.config, "speculative", None)) is not None else {}),
         }
 
     # -- prompts ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from .args import VllmArgs
+from .args import SpeculativeArgs, VllmArgs
 from .base import CHAT, COMPLETION, RERANK, Backend, Delta, SamplingParams, Scores, TokenLogprob, release_memory
 from .convert import gguf_to_hf_dir
 from . import faults
@@ -76,6 +76,7 @@ def _swap_space(args: VllmArgs, gib: float, engine_fields: set[str]) -> dict:
 
 class VllmBackend(Backend):
     name = "vllm"
+    speculative_methods = frozenset({"ngram", "draft"})  # speculative_config
     # vLLM's own sampling parameters and structured outputs
     features = frozenset({"seed", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty",
                           "repetition_penalty", "min_p", "logit_bias", "response_format", "tool_choice"})
@@ -114,13 +115,19 @@ class VllmBackend(Backend):
             os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
         if args.kv_cache_space_gib is not None:  # CPU backend: KV cache size in GiB
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(args.kv_cache_space_gib))
+        spec = self.config.speculative
+        loggers = None
+        if spec is not None:
+            kwargs["speculative_config"] = speculative_config(spec)
+            # its drafted / accepted counts reach us only through a stat logger, so stats go on
+            loggers = [_speculation_logger(self.count)]
         try:
-            engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=True)
+            engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=spec is None)
         except (TypeError, ValueError) as exc:
             raise BadInput(f"invalid vLLM engine arguments for {self.alias!r}: {exc}") from exc
         self._tokenizing = EngineThread(f"vllm-tokenize-{self.alias}")
         # building the engine blocks while its engine-core process starts: off the loop
-        self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
+        self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers)
         self.tokenizer = self.engine.get_tokenizer()
         self._ctx = self.engine.model_config.max_model_len
         self._faults = faults.from_env()  # None unless a test asks for faults
@@ -352,6 +359,35 @@ class VllmBackend(Backend):
                     await engine.abort(request_id)
                 except Exception:  # noqa: BLE001 - a dead engine has nothing left to free
                     log.warning("vLLM: aborting request %s failed", request_id, exc_info=True)
+
+
+def speculative_config(spec: SpeculativeArgs) -> dict:
+    """vLLM's speculative_config for an alias's ``speculative:`` key."""
+    if spec.method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": spec.num_tokens,
+                "prompt_lookup_max": spec.prompt_lookup_max, "prompt_lookup_min": spec.prompt_lookup_min}
+    return {"method": "draft_model", "model": spec.draft_model, "num_speculative_tokens": spec.num_tokens}
+
+
+def _speculation_logger(count):
+    """A vLLM stat logger class that hands each step's drafted and accepted token counts to
+    ``count`` (Backend.count); it runs in AsyncLLM's output handler, on the event loop."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SpeculationCounts(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            stats = getattr(scheduler_stats, "spec_decoding_stats", None)
+            if stats is not None and stats.num_draft_tokens:
+                count("speculative_draft_tokens", stats.num_draft_tokens)
+                count("speculative_accepted_tokens", stats.num_accepted_tokens)
+
+        def log_engine_initialized(self):
+            pass
+
+    return SpeculationCounts
 
 
 def _structured(params: SamplingParams):

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -27,31 +25,12 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from llmserve.launcher import bentoml_serve  # noqa: E402
+from benchmarks.chat_client import chat, serving, write  # noqa: E402
 
 # ~1,000 tokens of SmolLM2's tokenizer
 SYSTEM = "You are a helpful assistant for a travel agency. " + " ".join(
     f"Policy {i}: quote prices in euros, be brief, and never promise refunds." for i in range(62))
 QUESTIONS = [f"Suggest a weekend trip number {i} in Europe." for i in range(1000)]
-
-
-async def chat(client: httpx.AsyncClient, alias: str, system: str, question: str, tokens: int) -> dict:
-    body = {"model": alias, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
-    start, ttft, usage = time.perf_counter(), None, {}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if ttft is None and any(c["delta"].get("content") for c in chunk["choices"]):
-                ttft = time.perf_counter() - start
-            usage = chunk.get("usage") or usage
-    return {"ttft": ttft if ttft is not None else time.perf_counter() - start,
-            "prompt": usage.get("prompt_tokens", 0),
-            "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 
 
 async def run_mode(url: str, alias: str, shared: bool, requests: int, concurrency: int, tokens: int) -> dict:
@@ -88,30 +67,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    server = None
-    url = args.url
-    if url is None:
-        log = Path(tempfile.mkdtemp(prefix="prefix-bench-")) / "server.log"
-        server = bentoml_serve(log, env={"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8"})
-        server.wait_ready(300)
-        url = server.url
     rows = []
-    try:
+    with serving(args.url, {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "8"}) as url:
         for alias in args.aliases:
-            r = httpx.post(f"{url}/models/{alias}/load", timeout=600)
-            r.raise_for_status()
+            httpx.post(f"{url}/models/{alias}/load", timeout=600).raise_for_status()
             for shared in (False, True):
                 rows.append(asyncio.run(run_mode(url, alias, shared, args.requests, args.concurrency, args.tokens)))
                 print(json.dumps(rows[-1]), flush=True)
-    finally:
-        if server is not None:
-            server.stop()
-    print(f"\n| alias | mode | prompt tokens | cached tokens | TTFT p50 s | TTFT p90 s |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['alias']} | {r['mode']} | {r['prompt_tokens']:.0f} | {r['cached_tokens']:.0f} | "
-              f"{r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} |")
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
+    write(rows, "| alias | mode | prompt tokens | cached tokens | TTFT p50 s | TTFT p90 s |\n|---|---|---|---|---|---|",
+          lambda r: f"| {r['alias']} | {r['mode']} | {r['prompt_tokens']:.0f} | {r['cached_tokens']:.0f} | "
+                    f"{r['ttft_p50']:.3f} | {r['ttft_p90']:.3f} |", args.out)
     return 0
 
 

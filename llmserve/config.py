@@ -19,7 +19,8 @@ from pydantic import Field, SecretStr, StringConstraints, ValidationError, model
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # each engine owns its argument model; the configuration schema is built from them
-from backends.args import LlamaCppArgs, StrictModel as _Strict, TransformersArgs, VllmArgs  # noqa: F401
+from backends.args import (LlamaCppArgs, SpeculativeArgs, StrictModel as _Strict, TransformersArgs,  # noqa: F401
+                           VllmArgs)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
@@ -81,6 +82,7 @@ class ModelConfig(_Strict):
     llamacpp: LlamaCppArgs = Field(default_factory=LlamaCppArgs)
     transformers: TransformersArgs = Field(default_factory=TransformersArgs)
     vllm: VllmArgs = Field(default_factory=VllmArgs)
+    speculative: Optional[SpeculativeArgs] = None  # speculative decoding (vLLM: n-gram or a draft model)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

@@ -17,7 +17,7 @@ from .config import ENGINE_MODULES, ModelConfig, Settings, engine_installed
 from .errors import (APIError, EngineError, EngineNotInstalled, Forbidden, InvalidRequest, ModelNotFound, Overloaded,
                      to_api_error)
 from .logs import gpu_bytes, mib, rss_bytes
-from .metrics import MODEL_LOAD_SECONDS
+from .metrics import MODEL_LOAD_SECONDS, engine_counter
 
 log = logging.getLogger("llmserve")
 
@@ -180,6 +180,13 @@ class ModelManager:
         rss, gpu = rss_bytes(), gpu_bytes()
         try:
             backend = make_backend(alias, cfg)
+            backend.count = engine_counter(alias)
+            if cfg.speculative is not None and cfg.speculative.method not in backend.speculative_methods:
+                served = ", ".join(sorted(backend.speculative_methods)) or "none"
+                raise engine_errors.BadInput(
+                    f"Model {alias!r}: the {backend.name} engine does not serve speculative decoding by "
+                    f"{cfg.speculative.method!r} here (it serves: {served}); remove `speculative` or serve the "
+                    "alias on vLLM.", param="speculative")
             log.info("loading %s (%s) ...", alias, backend.name)
             await backend.load()
         except (APIError, engine_errors.EngineError) as exc:  # the configuration's mistake: one line

@@ -40,6 +40,20 @@ CACHED_PROMPT_TOKENS = prom.Counter(
     name="llm_prompt_tokens_cached_total",
     documentation="Prompt tokens found in the engine's prefix cache (not computed again)", labelnames=["model"]
 )
+# speculative decoding (an alias's `speculative:`): acceptance rate = accepted / draft
+ENGINE_COUNTERS = {
+    name: prom.Counter(name=f"llm_{name}_total", documentation=doc, labelnames=["model"])
+    for name, doc in (("speculative_draft_tokens", "Tokens proposed by speculative decoding"),
+                      ("speculative_accepted_tokens", "Proposed tokens the model accepted"))
+}
+
+
+def engine_counter(model: str):
+    """What a backend's ``count(name, n)`` calls: adds to the engine counter ``name`` of ``model``."""
+    children = {name: counter.labels(model=model) for name, counter in ENGINE_COUNTERS.items()}
+    return lambda name, n: children[name].inc(n)
+
+
 GENERATION_TOKENS = prom.Counter(
     name="llm_generation_tokens_total", documentation="Tokens generated", labelnames=["model"]
 )
