@@ -24,6 +24,8 @@ async def chat(client: httpx.AsyncClient, alias: str, system: str, question: str
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # an error event after the first byte
+                raise RuntimeError(f"{alias}: {chunk['error']}")
             if ttft is None and any(c["delta"].get("content") for c in chunk["choices"]):
                 ttft = time.perf_counter() - start
             usage = chunk.get("usage") or usage

@@ -165,7 +165,7 @@ class Limits(_Strict):
     max_rerank_documents: int = Field(256, ge=1)  # documents of one rerank, or pairs of one score request
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies get a 413
     request_timeout: float = Field(600, gt=0)  # seconds a generation may take once admitted (and may wait before)
-    stall_timeout: float = Field(120, gt=0)  # seconds without a new token before a generation is ended
+    stall_timeout: float = Field(120, gt=0)  # seconds without a new token (after the first) before it is ended
     drain_timeout: float = Field(30, ge=0)  # seconds an unload or shutdown lets running requests finish
     # a request for an unloaded alias loads it only when its key could load it by hand (an admin
     # key, where admin keys are set); others get a 403

@@ -91,6 +91,38 @@ async def test_time_in_the_queue_is_not_a_stall_the_limits_count_from_admission(
     assert got == list(range(5))
 
 
+async def test_a_long_prefill_after_admission_is_not_a_stall_only_gaps_between_tokens_are():
+    """Admitted, then three times the stall limit before the first token (a long prompt behind
+    others' prefills): the generation goes on; request_timeout still bounds that wait."""
+    from backends.base import ADMITTED
+
+    from llmserve.serving.deadline import Deadline
+
+    async def admitted_then_slow_prefill():
+        yield ADMITTED
+        await asyncio.sleep(0.9)
+        for i in range(5):
+            await asyncio.sleep(0.05)
+            yield i
+
+    deadline, got = Deadline(total=BOUND, stall=0.3), []
+    async with deadline.watch() as watch:
+        async for item in admitted_then_slow_prefill():
+            if item is ADMITTED:
+                watch.admitted()
+                continue
+            watch.tick()
+            got.append(item)
+    assert got == list(range(5))
+
+    deadline = Deadline(total=0.4, stall=0.1)  # a prefill past request_timeout still ends it
+    with pytest.raises(TimeoutError):
+        async with deadline.watch() as watch:
+            watch.admitted()
+            await asyncio.sleep(3600)
+    assert deadline.error().status == 504 and "limits.request_timeout" in deadline.error().message
+
+
 async def test_a_request_never_admitted_within_request_timeout_is_a_503_saying_it_waited():
     from llmserve.serving.deadline import Deadline
 

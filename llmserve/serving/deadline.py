@@ -1,10 +1,13 @@
 """A generation's time limits, counted from the moment its engine admits it.
 
-limits.request_timeout bounds the whole generation and limits.stall_timeout the gap between
-two tokens; both start when the engine takes the request into its batch (backends.base.ADMITTED,
-or the first token for engines that cannot tell), so a request that waits its turn in the queue
-under ordinary load is not counted as stalled. The wait itself is bounded by request_timeout too,
-and running past it answers 503 (busy, try again), not 504.
+limits.request_timeout bounds the whole generation from when the engine takes the request into
+its batch (backends.base.ADMITTED, or the first token for engines that cannot tell), so a request
+that waits its turn in the queue under ordinary load is not counted; limits.stall_timeout bounds
+the gap between two tokens from the first token on. The prefill before it is work the client
+cannot see (eight 1,000-token prompts admitted together on 2 busy cores took over 120 s to reach
+the last one's first token), bounded by request_timeout alone, as vLLM bounds none of it. The
+wait in the queue is bounded by request_timeout too, and running past it answers 503 (busy, try
+again), not 504.
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ class _Watch:
     handle each time). When a limit passes, the await on the engine is cancelled through an
     asyncio timeout, unless the stream is suspended at a yield: then ``resume()`` raises it."""
 
-    __slots__ = ("deadline", "time", "last", "end", "started", "timeout", "timer", "check", "at_yield", "due")
+    __slots__ = ("deadline", "time", "last", "end", "started", "producing", "timeout", "timer", "check", "at_yield",
+                 "due")
 
     def __init__(self, deadline: Deadline):
         self.deadline, self.time = deadline, deadline.loop.time
-        self.started = self.at_yield = self.due = False
+        self.started = self.producing = self.at_yield = self.due = False
 
     async def __aenter__(self) -> "_Watch":
         self.timeout = asyncio.timeout(None)
@@ -72,12 +76,16 @@ class _Watch:
         self.last = now = self.time()
         self.end = now + self.deadline.total
         self.check.cancel()
-        self.check = self.deadline.loop.call_at(min(self.end, now + self.deadline.stall), self._check)
+        self.check = self.deadline.loop.call_at(self.end, self._check)  # the prefill: request_timeout only
 
     def tick(self) -> None:
         self.last = self.time()
-        if not self.started:  # engines that do not say when they admit: the first token does
-            self.admitted()
+        if not self.producing:  # the first token: the stall limit counts from here
+            self.producing = True
+            if not self.started:  # engines that do not say when they admit: the first token does
+                self.admitted()
+            self.check.cancel()
+            self.check = self.deadline.loop.call_at(min(self.end, self.last + self.deadline.stall), self._check)
 
     def yielding(self) -> None:
         """Before a yield: raises a limit that passed (or is about to cancel the stream's await)."""
@@ -97,10 +105,11 @@ class _Watch:
             why = QUEUE
         elif now >= self.end - 0.001:
             why = REQUEST
-        elif now >= self.last + self.deadline.stall - 0.001:
+        elif self.producing and now >= self.last + self.deadline.stall - 0.001:
             why = STALL
         else:
-            self.check = self.deadline.loop.call_at(min(self.end, self.last + self.deadline.stall), self._check)
+            due = min(self.end, self.last + self.deadline.stall) if self.producing else self.end
+            self.check = self.deadline.loop.call_at(due, self._check)
             return
         self.deadline.why = why
         # due in either case: a cancel queued here may come after the engine's next delta, and the
