@@ -36,13 +36,19 @@ class LocalCluster:
     # stays in it (Ray's workers take process groups of their own, not sessions)
     sessions: list[int] = field(default_factory=list)
 
-    def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
-        """Ends node ``index`` (1 = the first worker node) as a failing host would: all its processes."""
-        for pid in session_pids(self.sessions[index]):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+    def kill_node(self, index: int, sig: int = signal.SIGKILL, timeout: float = 10) -> None:
+        """Ends node ``index`` (1 = the first worker node) as a failing host would: all its processes.
+        With SIGKILL, until none is left (a raylet may fork a worker while its session is being killed)."""
+        deadline = time.monotonic() + timeout
+        while pids := session_pids(self.sessions[index]):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if sig != signal.SIGKILL or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
 
     def pids(self) -> list[int]:
         """Every live process of every node."""
