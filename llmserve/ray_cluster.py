@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,7 @@ class LocalCluster:
             time.sleep(0.2)
         for i in range(len(self.sessions)):
             self.kill_node(i)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # the nodes' sessions and logs, ~1 MB a start
         if STATE.exists() and json.loads(STATE.read_text()).get("address") == self.address:
             STATE.unlink()
 
