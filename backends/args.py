@@ -108,10 +108,16 @@ class VllmArgs(StrictModel):
     load_format: Optional[str] = None
     kv_cache_space_gib: Optional[float] = Field(None, gt=0)  # CPU only: VLLM_CPU_KVCACHE_SPACE
     max_num_seqs: Optional[int] = Field(None, ge=1)
+    # "ray": the workers are Ray actors across the cluster's nodes (multi-node); "mp": processes of this host
+    distributed_executor_backend: Optional[Literal["mp", "ray", "uni", "external_launcher"]] = None
 
     seed: Optional[int] = None
     # anything else is passed to vllm.AsyncEngineArgs as is, and checked there
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def uses_ray(self) -> bool:
+        return "ray" in (self.distributed_executor_backend, self.extra.get("distributed_executor_backend"))
 
     @property
     def concurrency(self) -> int:

