@@ -9,6 +9,11 @@ A cross-encoder alias (task "rerank") runs on vLLM's pooling runner: each (query
 is tokenized here as vLLM's own score route does (the tokenizer's text pair, token type ids
 passed on compressed) and scored with the "classify" pooling task; the engine batches
 concurrent pairs by itself.
+
+LoRA adapters: an alias with adapters starts the engine with LoRA on (VllmArgs.lora_kwargs: room
+for limits.max_loaded_adapters of them, the rank they need), adds each at run time (AsyncLLM's
+add_lora / remove_lora) under a stable id, and runs a request with its adapter's LoRARequest;
+vLLM batches requests of different adapters (and the base) together by itself.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
+from .adapters import check_rank, lora_shape
 from .args import VllmArgs
-from .base import CHAT, COMPLETION, RERANK, Backend, Delta, SamplingParams, Scores, TokenLogprob, release_memory
+from .base import (CHAT, COMPLETION, RERANK, Adapter, Backend, Delta, SamplingParams, Scores, TokenLogprob,
+                   release_memory)
 from .convert import gguf_to_hf_dir
 from . import faults
 from .errors import BadInput, EngineFailure, NotInstalled, Unloaded
@@ -109,6 +116,9 @@ class VllmBackend(Backend):
                            "alias on Transformers or llama.cpp.", param="task")
         if self.config.tokenizer:
             kwargs["tokenizer"] = self.config.tokenizer
+        kwargs.update(args.lora_kwargs(self._adapter_ranks(), self.config.adapter_slots()))
+        self._loras: dict[str, object] = {}  # adapter name -> its LoRARequest, while loaded
+        self._lora_ids: dict[str, int] = {}  # adapter name -> its id, the same for the engine's life
         if args.tensor_parallel_size > 1 and os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
             # a host that forbids NVLink multicast: vLLM's symmetric-memory all-reduce would use it
             os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
@@ -124,6 +134,42 @@ class VllmBackend(Backend):
         self.tokenizer = self.engine.get_tokenizer()
         self._ctx = self.engine.model_config.max_model_len
         self._faults = faults.from_env()  # None unless a test asks for faults
+
+    def _adapter_ranks(self) -> list[int]:
+        """The ranks of the configured adapters that can be read now (one that cannot is refused,
+        naming why, when it loads)."""
+        ranks = []
+        for adapter in self.config.adapters.values():
+            try:
+                ranks.append(lora_shape(adapter).r)
+            except BadInput:
+                pass
+        return ranks
+
+    async def load_adapter(self, adapter: Adapter) -> None:
+        from vllm.lora.request import LoRARequest
+
+        lora = self.engine.vllm_config.lora_config
+        if lora is None:
+            raise BadInput(f"Model {self.alias!r} started without LoRA (it had no adapters).", param="model",
+                           code="adapters_unsupported")
+        shape = lora_shape(adapter)
+        check_rank(adapter, shape, lora.max_lora_rank, f"models.{self.alias}.vllm.max_lora_rank")
+        lora_id = self._lora_ids.setdefault(adapter.name, len(self._lora_ids) + 1)
+        request = LoRARequest(adapter.name, lora_id, str(adapter.path))
+        try:
+            await self.engine.add_lora(request)
+        except Exception as exc:  # vLLM's checks of the adapter's modules and weights
+            text = str(exc)
+            param = "target_modules" if "module" in text else "r" if "rank" in text else "model"
+            raise BadInput(f"vLLM refused adapter {adapter.name!r}: {text}", param=param,
+                           code="adapter_mismatch") from None
+        self._loras[adapter.name] = request
+
+    async def unload_adapter(self, name: str) -> None:
+        request = self._loras.pop(name, None)
+        if request is not None and self.engine is not None:
+            await self.engine.remove_lora(request.lora_int_id)
 
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
@@ -304,9 +350,14 @@ class VllmBackend(Backend):
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         # settings vLLM refuses are the client's 400 here, before a stream sends its first byte
-        return self._generate(prompt_ids, params, self._sampling_params(params))
+        lora = None
+        if params.adapter is not None:
+            lora = self._loras.get(params.adapter)
+            if lora is None:
+                raise BadInput(f"The adapter {params.adapter!r} is not loaded on this model.", param="model")
+        return self._generate(prompt_ids, params, self._sampling_params(params), lora)
 
-    async def _generate(self, prompt_ids: list[int], params: SamplingParams, sp) -> AsyncIterator[Delta]:
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams, sp, lora=None) -> AsyncIterator[Delta]:
         from vllm.inputs import TokensPrompt
 
         engine = self.engine  # the one to abort on, even once unload has let go of it
@@ -317,7 +368,8 @@ class VllmBackend(Backend):
         request_id = uuid.uuid4().hex
         count, finished, first = 0, False, True
         try:
-            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id):
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
+                                             lora_request=lora):
                 c = out.outputs[0]
                 count += len(c.token_ids)
                 if self._faults is not None:
