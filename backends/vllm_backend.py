@@ -13,15 +13,22 @@ concurrent pairs by itself.
 LoRA adapters: an alias with adapters starts the engine with LoRA on (VllmArgs.lora_kwargs: room
 for limits.max_loaded_adapters of them, the rank they need), adds each at run time (AsyncLLM's
 add_lora / remove_lora) under a stable id, and runs a request with its adapter's LoRARequest;
-vLLM batches requests of different adapters (and the base) together by itself.
+vLLM batches requests of different adapters (and the base) together by itself. On the CPU
+platform vLLM's torch LoRA ops (vllm/lora/ops/torch_ops, 0.32) read a base token's "no LoRA" index
+-1 as the last adapter slot, so a base request batched beside adapter requests got that adapter's
+delta (seen here: the base answered as beta; vllm-project/vllm PR #48421 fixes the ops). There the
+base runs with an adapter of zeros of its own (one more slot, pinned), which adds exactly nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import AsyncIterator
@@ -91,6 +98,8 @@ class VllmBackend(Backend):
     _tokenizing: EngineThread | None = None  # the thread that renders and tokenizes prompts
     _faults = None  # backends/faults.py, for tests
     _pieces: dict[int, tuple[str, list[int]]]  # token id -> text, bytes (logprobs)
+    _base_lora = None  # the zero adapter base requests run with on CPU (module docstring)
+    _zero_dir = None
 
     async def load(self) -> None:
         try:
@@ -119,6 +128,12 @@ class VllmBackend(Backend):
         kwargs.update(args.lora_kwargs(self._adapter_ranks(), self.config.adapter_slots()))
         self._loras: dict[str, object] = {}  # adapter name -> its LoRARequest, while loaded
         self._lora_ids: dict[str, int] = {}  # adapter name -> its id, the same for the engine's life
+        from vllm.platforms import current_platform
+
+        zero_base = kwargs.get("enable_lora") and current_platform.is_cpu()
+        if zero_base:
+            kwargs["max_loras"] += 1
+            kwargs["max_cpu_loras"] += 1
         if args.tensor_parallel_size > 1 and os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
             # a host that forbids NVLink multicast: vLLM's symmetric-memory all-reduce would use it
             os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
@@ -133,7 +148,30 @@ class VllmBackend(Backend):
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args)
         self.tokenizer = self.engine.get_tokenizer()
         self._ctx = self.engine.model_config.max_model_len
+        if zero_base:
+            await self._add_zero_base(Path(location))
         self._faults = faults.from_env()  # None unless a test asks for faults
+
+    async def _add_zero_base(self, model_dir: Path) -> None:
+        """The base's own adapter on CPU: rank 1 on the first layer's q_proj, all zeros (every other
+        module of its slot is zero too), added and pinned for the engine's life."""
+        from safetensors.numpy import save_file
+        import numpy as np
+        from vllm.lora.request import LoRARequest
+
+        config = json.loads((model_dir / "config.json").read_text())
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        out = heads * (config.get("head_dim") or hidden // heads)
+        self._zero_dir = Path(tempfile.mkdtemp(prefix=f"llmserve-{self.alias}-zero-lora-"))
+        key = "base_model.model.model.layers.0.self_attn.q_proj"
+        save_file({f"{key}.lora_A.weight": np.zeros((1, hidden), np.float32),
+                   f"{key}.lora_B.weight": np.zeros((out, 1), np.float32)},
+                  str(self._zero_dir / "adapter_model.safetensors"))
+        (self._zero_dir / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"], "bias": "none"}))
+        self._base_lora = LoRARequest("__base__", 1_000_000, str(self._zero_dir))
+        await self.engine.add_lora(self._base_lora)
+        await self.engine.pin_lora(self._base_lora.lora_int_id)
 
     def _adapter_ranks(self) -> list[int]:
         """The ranks of the configured adapters that can be read now (one that cannot is refused,
@@ -175,6 +213,8 @@ class VllmBackend(Backend):
         engine, self.engine = self.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+        if getattr(self, "_zero_dir", None) is not None:
+            shutil.rmtree(self._zero_dir, ignore_errors=True)
         if self._tokenizing is not None:  # waits for a prompt being tokenized: off the loop too
             await asyncio.to_thread(self._tokenizing.shutdown)
         await asyncio.to_thread(release_memory)
@@ -350,7 +390,7 @@ class VllmBackend(Backend):
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         # settings vLLM refuses are the client's 400 here, before a stream sends its first byte
-        lora = None
+        lora = self._base_lora
         if params.adapter is not None:
             lora = self._loras.get(params.adapter)
             if lora is None:
