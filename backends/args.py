@@ -96,6 +96,10 @@ class TransformersArgs(StrictModel):
         return self.max_batch
 
 
+# the ranks vLLM's max_lora_rank may take (vllm.config.lora.MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 class VllmArgs(StrictModel):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
@@ -112,8 +116,27 @@ class VllmArgs(StrictModel):
     distributed_executor_backend: Optional[Literal["mp", "ray", "uni", "external_launcher"]] = None
 
     seed: Optional[int] = None
+    # the largest LoRA rank its engine takes (vLLM reserves room for it); None: the smallest of vLLM's
+    # ranks that holds every configured adapter's r
+    max_lora_rank: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _a_vllm_rank(self):
+        if self.max_lora_rank is not None and self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"`max_lora_rank` must be one of vLLM's ranks {list(VLLM_LORA_RANKS)}")
+        return self
     # anything else is passed to vllm.AsyncEngineArgs as is, and checked there
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    def lora_kwargs(self, ranks: list[int], slots: int) -> dict[str, Any]:
+        """vLLM's LoRA engine arguments for an alias with adapters of these ranks, ``slots`` of them
+        loaded at once (limits.max_loaded_adapters): LoRA on, room for that many in one batch (and
+        in its CPU cache), and the rank they need. None configured: LoRA stays off."""
+        if not slots:
+            return {}
+        rank = self.max_lora_rank or next((r for r in VLLM_LORA_RANKS if r >= max(ranks, default=1)), VLLM_LORA_RANKS[-1])
+        # one more in its CPU cache: the server loads a new adapter before it evicts an idle one
+        return {"enable_lora": True, "max_loras": slots, "max_cpu_loras": slots + 1, "max_lora_rank": rank}
 
     @property
     def uses_ray(self) -> bool:

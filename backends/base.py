@@ -29,6 +29,11 @@ class ModelSpec(Protocol):
     # load (vLLM's max_lora_rank) reads them here
     adapters: dict[str, Adapter]
 
+    def adapter_slots(self) -> int:
+        """How many of ``adapters`` may be loaded at once (the server's limit, at most as many as
+        there are): what an engine that reserves room per adapter (vLLM's max_loras) sizes for."""
+        ...
+
     def location(self) -> Path | str: ...
 
 from .grammar import CallGrammar

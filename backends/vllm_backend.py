@@ -9,6 +9,15 @@ A cross-encoder alias (task "rerank") runs on vLLM's pooling runner: each (query
 is tokenized here as vLLM's own score route does (the tokenizer's text pair, token type ids
 passed on compressed) and scored with the "classify" pooling task; the engine batches
 concurrent pairs by itself.
+
+LoRA adapters: an alias with adapters starts the engine with LoRA on (VllmArgs.lora_kwargs: room
+for limits.max_loaded_adapters of them, the rank they need), adds each at run time (AsyncLLM's
+add_lora / remove_lora) under a stable id, and runs a request with its adapter's LoRARequest;
+vLLM batches requests of different adapters (and the base) together by itself. On the CPU
+platform vLLM's torch LoRA ops (vllm/lora/ops/torch_ops, 0.32) read a base token's "no LoRA" index
+-1 as the last adapter slot, so a base request batched beside adapter requests got that adapter's
+delta (seen here: the base answered as beta; vllm-project/vllm PR #48421 fixes the ops). There the
+base runs with an adapter of zeros of its own (one more slot, pinned), which adds exactly nothing.
 """
 
 from __future__ import annotations
@@ -16,14 +25,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
+from .adapters import check_rank, lora_shape
 from .args import SpeculativeArgs, VllmArgs
-from .base import CHAT, COMPLETION, RERANK, Backend, Delta, SamplingParams, Scores, TokenLogprob, release_memory
+from .base import (CHAT, COMPLETION, RERANK, Adapter, Backend, Delta, SamplingParams, Scores, TokenLogprob,
+                   release_memory)
 from .convert import gguf_to_hf_dir
 from . import faults
 from .errors import BadInput, EngineFailure, NotInstalled, Unloaded
@@ -103,6 +117,8 @@ class VllmBackend(Backend):
     _tokenizing: EngineThread | None = None  # the thread that renders and tokenizes prompts
     _faults = None  # backends/faults.py, for tests
     _pieces: dict[int, tuple[str, list[int]]]  # token id -> text, bytes (logprobs)
+    _base_lora = None  # the zero adapter base requests run with on CPU (module docstring)
+    _zero_dir = None
 
     async def load(self) -> None:
         try:
@@ -130,6 +146,15 @@ class VllmBackend(Backend):
             kwargs["tokenizer"] = self.config.tokenizer
         if args.uses_ray:
             _check_ray(self.alias)
+        kwargs.update(args.lora_kwargs(self._adapter_ranks(), self.config.adapter_slots()))
+        self._loras: dict[str, object] = {}  # adapter name -> its LoRARequest, while loaded
+        self._lora_ids: dict[str, int] = {}  # adapter name -> its id, the same for the engine's life
+        from vllm.platforms import current_platform
+
+        zero_base = kwargs.get("enable_lora") and current_platform.is_cpu()
+        if zero_base:
+            kwargs["max_loras"] += 1
+            kwargs["max_cpu_loras"] += 1
         if args.tensor_parallel_size > 1 and os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") == "1":
             # a host that forbids NVLink multicast: vLLM's symmetric-memory all-reduce would use it
             os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
@@ -150,12 +175,73 @@ class VllmBackend(Backend):
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers)
         self.tokenizer = self.engine.get_tokenizer()
         self._ctx = self.engine.model_config.max_model_len
+        if zero_base:
+            await self._add_zero_base(Path(location))
         self._faults = faults.from_env()  # None unless a test asks for faults
+
+    async def _add_zero_base(self, model_dir: Path) -> None:
+        """The base's own adapter on CPU: rank 1 on the first layer's q_proj, all zeros (every other
+        module of its slot is zero too), added and pinned for the engine's life."""
+        from safetensors.numpy import save_file
+        import numpy as np
+        from vllm.lora.request import LoRARequest
+
+        config = json.loads((model_dir / "config.json").read_text())
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        out = heads * (config.get("head_dim") or hidden // heads)
+        self._zero_dir = Path(tempfile.mkdtemp(prefix=f"llmserve-{self.alias}-zero-lora-"))
+        key = "base_model.model.model.layers.0.self_attn.q_proj"
+        save_file({f"{key}.lora_A.weight": np.zeros((1, hidden), np.float32),
+                   f"{key}.lora_B.weight": np.zeros((out, 1), np.float32)},
+                  str(self._zero_dir / "adapter_model.safetensors"))
+        (self._zero_dir / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"], "bias": "none"}))
+        self._base_lora = LoRARequest("__base__", 1_000_000, str(self._zero_dir))
+        await self.engine.add_lora(self._base_lora)
+        await self.engine.pin_lora(self._base_lora.lora_int_id)
+
+    def _adapter_ranks(self) -> list[int]:
+        """The ranks of the configured adapters that can be read now (one that cannot is refused,
+        naming why, when it loads)."""
+        ranks = []
+        for adapter in self.config.adapters.values():
+            try:
+                ranks.append(lora_shape(adapter).r)
+            except BadInput:
+                pass
+        return ranks
+
+    async def load_adapter(self, adapter: Adapter) -> None:
+        from vllm.lora.request import LoRARequest
+
+        lora = self.engine.vllm_config.lora_config
+        if lora is None:
+            raise BadInput(f"Model {self.alias!r} started without LoRA (it had no adapters).", param="model",
+                           code="adapters_unsupported")
+        shape = lora_shape(adapter)
+        check_rank(adapter, shape, lora.max_lora_rank, f"models.{self.alias}.vllm.max_lora_rank")
+        lora_id = self._lora_ids.setdefault(adapter.name, len(self._lora_ids) + 1)
+        request = LoRARequest(adapter.name, lora_id, str(adapter.path))
+        try:
+            await self.engine.add_lora(request)
+        except Exception as exc:  # vLLM's checks of the adapter's modules and weights
+            text = str(exc)
+            param = "target_modules" if "module" in text else "r" if "rank" in text else "model"
+            raise BadInput(f"vLLM refused adapter {adapter.name!r}: {text}", param=param,
+                           code="adapter_mismatch") from None
+        self._loras[adapter.name] = request
+
+    async def unload_adapter(self, name: str) -> None:
+        request = self._loras.pop(name, None)
+        if request is not None and self.engine is not None:
+            await self.engine.remove_lora(request.lora_int_id)
 
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.shutdown)
+        if getattr(self, "_zero_dir", None) is not None:
+            shutil.rmtree(self._zero_dir, ignore_errors=True)
         if self._tokenizing is not None:  # waits for a prompt being tokenized: off the loop too
             await asyncio.to_thread(self._tokenizing.shutdown)
         await asyncio.to_thread(release_memory)
@@ -331,9 +417,14 @@ class VllmBackend(Backend):
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         # settings vLLM refuses are the client's 400 here, before a stream sends its first byte
-        return self._generate(prompt_ids, params, self._sampling_params(params))
+        lora = self._base_lora
+        if params.adapter is not None:
+            lora = self._loras.get(params.adapter)
+            if lora is None:
+                raise BadInput(f"The adapter {params.adapter!r} is not loaded on this model.", param="model")
+        return self._generate(prompt_ids, params, self._sampling_params(params), lora)
 
-    async def _generate(self, prompt_ids: list[int], params: SamplingParams, sp) -> AsyncIterator[Delta]:
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams, sp, lora=None) -> AsyncIterator[Delta]:
         from vllm.inputs import TokensPrompt
 
         engine = self.engine  # the one to abort on, even once unload has let go of it
@@ -344,7 +435,8 @@ class VllmBackend(Backend):
         request_id = uuid.uuid4().hex
         count, finished, first = 0, False, True
         try:
-            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id):
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
+                                             lora_request=lora):
                 c = out.outputs[0]
                 count += len(c.token_ids)
                 if self._faults is not None:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, SecretStr, StringConstraints, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, StringConstraints, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # each engine owns its argument model; the configuration schema is built from them
 from backends.args import (LlamaCppArgs, SpeculativeArgs, StrictModel as _Strict, TransformersArgs,  # noqa: F401
                            VllmArgs)
+from backends.base import Adapter
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
@@ -28,6 +29,12 @@ DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
 # a built-in engine, or "package.module:Class" for an engine of one's own (a backends.base.Backend)
 BackendName = Union[Literal["llamacpp", "transformers", "vllm"],
                     Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]]
+
+# A LoRA adapter is served as "<alias>:<adapter>" (SGLang's model-field form; /v1/models lists it
+# with its base as `parent`, as vLLM lists LoRA modules): the same adapter files serve on several
+# aliases (engines) under distinct names, and the name says which base runs it.
+ADAPTER_SEPARATOR = ":"
+AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 # each built-in backend -> the engine module it needs
 ENGINE_MODULES = {"llamacpp": "llama_cpp", "transformers": "transformers", "vllm": "vllm"}
@@ -83,11 +90,18 @@ class ModelConfig(_Strict):
     transformers: TransformersArgs = Field(default_factory=TransformersArgs)
     vllm: VllmArgs = Field(default_factory=VllmArgs)
     speculative: Optional[SpeculativeArgs] = None  # speculative decoding (vLLM: n-gram or a draft model)
+    # LoRA adapters on this base (key `adapters`): name -> a PEFT directory (or, on llama.cpp, a LoRA
+    # GGUF), a path relative to the project or absolute, or a file inside an installed package;
+    # each is served as "<alias>:<name>", loaded on first use or by POST /models/<alias>:<name>/load
+    adapter_sources: dict[AdapterName, Union[str, PackageFile]] = Field(default_factory=dict, alias="adapters")
+    _adapter_limit: int = PrivateAttr(4)  # limits.max_loaded_adapters, set by Settings
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
         if (self.source is None) == (self.package is None):
             raise ValueError("give exactly one of `source` or `package`")
+        if self.adapter_sources and self.task != "generate":
+            raise ValueError(f"adapters: LoRA adapters serve generation aliases only (this one has task {self.task})")
         t = self.chat_template
         if t is not None and "{{" not in t and "{%" not in t and not (PROJECT_ROOT / Path(t).expanduser()).is_file():
             raise ValueError(f"chat_template: no file {t!r} (a path relative to the project, or inline Jinja text)")
@@ -101,6 +115,28 @@ class ModelConfig(_Strict):
         if not path.is_absolute() and (PROJECT_ROOT / path).exists():
             path = PROJECT_ROOT / path
         return path if path.exists() else self.source
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        """The adapters with their paths resolved (backends.base.ModelSpec.adapters); a path that is
+        not there is refused when the adapter loads, not at start (tests write theirs later)."""
+        found = {}
+        for name, source in self.adapter_sources.items():
+            if isinstance(source, PackageFile):
+                try:
+                    path = source.resolve()
+                except FileNotFoundError:  # the package is missing: the load says where it looked
+                    path = Path(source.package) / source.path
+            else:
+                path = Path(source).expanduser()
+                path = path if path.is_absolute() else PROJECT_ROOT / path
+            found[name] = Adapter(name, path)
+        return found
+
+    def adapter_slots(self) -> int:
+        """How many of its adapters may be loaded at once (limits.max_loaded_adapters, at most as
+        many as it has): what an engine that reserves room per adapter sizes itself for."""
+        return min(len(self.adapter_sources), self._adapter_limit)
 
     def is_gguf(self) -> bool:
         name = self.package.path if self.package else self.source
@@ -162,6 +198,9 @@ class Limits(_Strict):
     default_max_tokens: Optional[int] = Field(None, ge=1)
     max_prompt_chars: int = Field(200_000, ge=1)
     max_loaded_models: int = Field(4, ge=1)
+    # LoRA adapters loaded at once on one base model: loading one more unloads its least recently
+    # used idle adapter (one in use is never unloaded: past it with all busy, a 503)
+    max_loaded_adapters: int = Field(4, ge=1)
     # resident memory (bytes) the server may hold in models: a load that would pass it first
     # unloads idle models, least recently used first, and is refused (507) when that is not enough
     memory_budget_bytes: Optional[int] = Field(None, ge=1)
@@ -262,7 +301,28 @@ class Settings(BaseSettings):
             alias = getattr(self, key)
             if alias is not None and alias not in self.models:
                 raise ValueError(f"{key}: {alias!r} is not one of the configured models {sorted(self.models)}")
+        for alias, cfg in self.models.items():
+            cfg._adapter_limit = self.limits.max_loaded_adapters
+            for name in cfg.adapter_sources:
+                served = f"{alias}{ADAPTER_SEPARATOR}{name}"
+                if served in self.models:
+                    raise ValueError(f"models.{alias}.adapters.{name}: served as {served!r}, which is also an alias")
         return self
+
+    def served_name(self, name: str) -> tuple[str, Optional[str]]:
+        """(alias, adapter) a model name asks for: an alias (adapter None), or "<alias>:<adapter>"
+        of a configured adapter; None for the alias when no such model is configured."""
+        if name in self.models:
+            return name, None
+        alias, sep, adapter = name.rpartition(ADAPTER_SEPARATOR)
+        if sep and alias in self.models and adapter in self.models[alias].adapter_sources:
+            return alias, adapter
+        return None, None
+
+    def model_names(self) -> list[str]:
+        """Every name a request may give: the aliases and their adapters."""
+        return [n for alias, cfg in self.models.items()
+                for n in [alias, *(f"{alias}{ADAPTER_SEPARATOR}{a}" for a in cfg.adapter_sources)]]
 
     def inference_keys(self) -> list[bytes]:
         return _keys(self.api_key) + _keys(self.api_keys)

@@ -1,4 +1,6 @@
-"""Routes an alias to a loaded backend: chooses the engine, loads, unloads, evicts."""
+"""Routes a model name to a loaded backend: chooses the engine, loads, unloads, evicts. A name is
+an alias, or "<alias>:<adapter>", a LoRA adapter on that alias's base (llmserve/adapters.py keeps
+the adapters of each loaded base: loaded on first use or by hand, evicted least recently used)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ import contextvars
 import importlib
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any, AsyncIterator, Optional
 
 from backends import errors as engine_errors
 from backends.base import Backend
 
+from .adapters import AdapterSet, not_loaded_row
 from .config import ENGINE_MODULES, ModelConfig, Settings, engine_installed
 from .errors import (APIError, EngineError, EngineNotInstalled, Forbidden, InvalidRequest, ModelNotFound, Overloaded,
                      to_api_error)
@@ -68,13 +71,19 @@ class ModelManager:
         # alias -> set once its unload (drain, then drop) is over; until then its engine still holds
         # its memory, so it counts against max_loaded_models and the memory budget like a loaded one
         self._unloading: dict[str, asyncio.Event] = {}
+        self._adapters: dict[str, AdapterSet] = {}  # alias -> the adapters loaded on its loaded backend
 
     # -- lookup -------------------------------------------------------------------------
-    def config(self, alias: str) -> ModelConfig:
-        try:
-            return self.settings.models[alias]
-        except KeyError:
-            raise ModelNotFound(alias, list(self.settings.models)) from None
+    def resolve(self, name: str) -> tuple[str, Optional[str]]:
+        """(alias, adapter) of a model name: an alias (adapter None) or "<alias>:<adapter>"."""
+        alias, adapter = self.settings.served_name(name)
+        if alias is None:
+            raise ModelNotFound(name, self.settings.model_names())
+        return alias, adapter
+
+    def config(self, name: str) -> ModelConfig:
+        """The configuration of an alias, or of the base of an adapter's name."""
+        return self.settings.models[self.resolve(name)[0]]
 
     def list_models(self) -> list[dict[str, Any]]:
         rows = []
@@ -97,6 +106,8 @@ class ModelManager:
                 "unloading": alias in self._unloading,  # draining: not taking requests, still holding its engine
                 "error": self.errors.get(alias),
                 "source": cfg.source or f"{cfg.package.package}/{cfg.package.path}",
+                "root": cfg.source or f"{cfg.package.package}/{cfg.package.path}",  # vLLM's card: the weights
+                "parent": None,  # a base model (adapters name theirs)
                 "preload": cfg.preload,
             }
             if backend is not None:
@@ -107,6 +118,20 @@ class ModelManager:
                 row.update(backend.describe())
                 if backend.failure():
                     row["error"] = backend.failure()
+            rows.append(row)
+            rows.extend(self._adapter_rows(alias, cfg, row))
+        return rows
+
+    def _adapter_rows(self, alias: str, cfg: ModelConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of ``alias``'s adapters, as vLLM lists LoRA modules: id, root (the adapter's
+        files), parent (the base); and their state on the loaded base."""
+        loaded = self._adapters.get(alias) if base["loaded"] else None
+        rows = []
+        for name, adapter in cfg.adapters.items():
+            row = {"id": f"{alias}:{name}", "object": "model", "created": 0, "owned_by": "llmserve",
+                   "root": str(adapter.path), "parent": alias, "adapter": name, "backend": base["backend"],
+                   "task": cfg.task, "score_type": None, "source": str(adapter.path), "preload": False}
+            row.update(loaded.row(name) if loaded is not None else not_loaded_row())
             rows.append(row)
         return rows
 
@@ -134,7 +159,20 @@ class ModelManager:
                 except Exception:
                     pass  # load() logged why; GET /models lists it
 
-    async def load(self, alias: str) -> dict[str, Any]:
+    async def load(self, name: str) -> dict[str, Any]:
+        """Loads model ``name``: an alias, or an adapter (its base first, if it is not loaded)."""
+        alias, adapter = self.resolve(name)
+        info = await self._load_base(alias)
+        if adapter is None:
+            return info
+        adapters = self._adapters.get(alias)
+        if adapters is None:  # unloaded again at once
+            raise APIError(f"Model {alias!r} was unloaded while loading; retry.", status=503, type="server_error")
+        await adapters.load(self.settings.models[alias].adapters[adapter])
+        return next(r for r in self._adapter_rows(alias, self.settings.models[alias], {"loaded": True,
+                    "backend": adapters.backend.name}) if r["adapter"] == adapter)
+
+    async def _load_base(self, alias: str) -> dict[str, Any]:
         """Loads ``alias`` once for everyone who asks meanwhile: they all get its one result (a
         failure too), and one who leaves does not cut it short."""
         cfg = self.config(alias)
@@ -210,6 +248,7 @@ class ModelManager:
                                "gpu_bytes": None if gpu is None or gpu_now is None else max(0, gpu_now - gpu)}
         self.errors.pop(alias, None)
         self.loaded[alias] = backend
+        self._adapters[alias] = AdapterSet(alias, backend, self.settings.limits.max_loaded_adapters)
         self._measured[alias] = max(0, self._memory[alias]["rss_bytes"] or 0)
         self._loaded_at[alias] = time.time()
         self._last_used[alias] = time.monotonic()
@@ -223,8 +262,12 @@ class ModelManager:
                      only_if_idle: bool = False) -> bool:
         """Unloads ``alias`` once its running requests finish, or after ``drain_timeout``
         (limits.drain_timeout) ends the rest with an error event. ``only_if_idle``: not when
-        a request came while the lock was awaited."""
-        self.config(alias)
+        a request came while the lock was awaited. An adapter's name unloads that adapter alone,
+        once its requests end (AdapterSet.unload); the base's unload takes its adapters with it."""
+        alias, adapter = self.resolve(alias)
+        if adapter is not None:
+            adapters = self._adapters.get(alias)
+            return adapters is not None and await adapters.unload(adapter)
         if drain_timeout is None:
             drain_timeout = self.settings.limits.drain_timeout
         async with self._lock:
@@ -261,6 +304,7 @@ class ModelManager:
     def _forget(self, alias: str) -> None:
         self._loaded_at.pop(alias, None)
         self._memory.pop(alias, None)
+        self._adapters.pop(alias, None)  # the engine's adapters went with it
 
     async def shutdown(self) -> None:
         """Unloads every alias, those whose load is still running once it ends; running streams
@@ -323,10 +367,13 @@ class ModelManager:
 
     # -- serving ------------------------------------------------------------------------
     @asynccontextmanager
-    async def use(self, alias: str, capability: Optional[str], sequences: int = 1) -> AsyncIterator[Backend]:
-        """The loaded backend for ``alias``, checked for ``capability`` (None: any alias serves it,
+    async def use(self, name: str, capability: Optional[str], sequences: int = 1) -> AsyncIterator[Backend]:
+        """The loaded backend for model ``name``, checked for ``capability`` (None: any alias serves it,
         e.g. tokenizing), counted as busy: one request of ``sequences`` sequences (a request's ``n``
-        choices), which is what max_pending counts, as each is a sequence the engine decodes."""
+        choices), which is what max_pending counts, as each is a sequence the engine decodes. For an
+        adapter's name, its base's backend with the adapter loaded and held for the request
+        (generations run with it through SamplingParams.adapter: see adapter_of)."""
+        alias, adapter = self.resolve(name)
         cfg = self.config(alias)
         backend = self.loaded.get(alias)
         if backend is None:
@@ -345,7 +392,7 @@ class ModelManager:
             try:
                 # shielded: a client that leaves (its request cancelled) must not cut short a load
                 # that other requests wait for, halfway through starting an engine
-                await asyncio.shield(self.load(alias))
+                await asyncio.shield(self._load_base(alias))
             finally:
                 self._waiting[alias] -= 1
             backend = self.loaded.get(alias)
@@ -373,12 +420,38 @@ class ModelManager:
         if running + sequences > limit:
             raise Overloaded(f"Model {alias!r} has {running} sequences running or queued; {sequences} more would pass "
                              f"its limit of {limit} (max_pending); retry shortly.")
+        holding = nullcontext()
+        if adapter is not None and sequences:  # tokenizing (no sequences) needs only the base
+            holding = self._holding_adapter(alias, backend, adapter)
         self._in_flight[alias] += 1
         self._sequences[alias] += sequences
         self._last_used[alias] = time.monotonic()
         try:
-            yield backend
+            async with holding:
+                yield backend
         finally:
             self._in_flight[alias] -= 1
             self._sequences[alias] -= sequences
             self._last_used[alias] = time.monotonic()  # idle time counts from the end of the last request
+
+    def _holding_adapter(self, alias: str, backend: Backend, adapter: str):
+        """The adapter loaded on ``backend`` and held while a request runs with it; loading it on
+        demand follows the rules a base's load does (load_on_demand, admin keys)."""
+        adapters = self._adapters.get(alias)
+        if adapters is None or adapters.backend is not backend:
+            raise APIError(f"Model {alias!r} was unloaded while loading; retry.", status=503, type="server_error")
+        if adapter not in adapters.loaded:
+            served = f"{alias}:{adapter}"
+            if not self.settings.load_on_demand:
+                raise InvalidRequest(f"Adapter {served!r} is configured but not loaded. Load it with POST "
+                                     f"/models/{served}/load (load_on_demand is off).", param="model",
+                                     code="model_not_loaded")
+            if self.settings.limits.load_on_demand_requires_admin and not MAY_LOAD.get():
+                raise Forbidden(f"Adapter {served!r} is not loaded, and loading one on demand needs an admin key "
+                                f"(limits.load_on_demand_requires_admin); ask an admin to POST /models/{served}/load.",
+                                param="model", code="model_not_loaded")
+        return adapters.use(self.settings.models[alias].adapters[adapter])
+
+    def adapter_of(self, name: str) -> Optional[str]:
+        """The adapter a model name runs with (SamplingParams.adapter), None for an alias."""
+        return self.resolve(name)[1]

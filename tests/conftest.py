@@ -27,6 +27,18 @@ STARTUP_TIMEOUT = float(os.environ.get("LLMSERVE_TEST_STARTUP_TIMEOUT", "300"))
 FAULT_SEEDS = {"admit": 424_242_001, "sample": 424_242_002, "detokenize": 424_242_003, "loop": 424_242_004,
                "trim": 424_242_005}
 FAULTS_ENV = ",".join(f"{stage}:{seed}" for stage, seed in FAULT_SEEDS.items())
+# LoRA adapters the session server serves beside configuration.yaml's (tests/test_lora.py writes the
+# bad ones): a third good one for eviction past a limit of 2, and one of each way to not fit
+LORA_ENV = {
+    "LLMSERVE_LIMITS__MAX_LOADED_ADAPTERS": "2",
+    "LLMSERVE_MODELS__SMOLLM2-HF__ADAPTERS__GAMMA": ".cache/lora/alpha",
+    "LLMSERVE_MODELS__SMOLLM2-HF__ADAPTERS__MISSING": ".cache/lora-bad/missing",
+    "LLMSERVE_MODELS__SMOLLM2-HF__ADAPTERS__WRONG-MODULES": ".cache/lora-bad/wrong-modules",
+    "LLMSERVE_MODELS__SMOLLM2-HF-PAGED__ADAPTERS__ALPHA": ".cache/lora/alpha",
+    "LLMSERVE_MODELS__SMOLLM2-VLLM__VLLM__MAX_LORA_RANK": "8",
+    "LLMSERVE_MODELS__SMOLLM2-VLLM__ADAPTERS__RANK16": ".cache/lora-bad/rank16",
+    "LLMSERVE_MODELS__SMOLLM2-VLLM__ADAPTERS__WRONG-MODULES": ".cache/lora-bad/wrong-modules",
+}
 
 
 BOUND = 30.0  # seconds: what a condition the tests wait on may take on a busy 2-core machine
@@ -60,7 +72,7 @@ def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-
     # a request without max_tokens may run to the end of the context (up to ~2000 tokens here):
     # the suite's servers stop such requests at 256, as the shipped default did before
     # (11 aliases in a full run)
-    env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "12", "LLMSERVE_FAULTS": FAULTS_ENV,
+    env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "12", "LLMSERVE_FAULTS": FAULTS_ENV, **LORA_ENV,
            "LLMSERVE_LIMITS__DEFAULT_MAX_TOKENS": "256",
            "LLMSERVE_RESPONSES__STORE_PATH": store, **(env_overrides or {})}
     server = bentoml_serve(ROOT / ".cache" / f"{name}.log", env)

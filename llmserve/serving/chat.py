@@ -27,7 +27,8 @@ def chat_tools(serving: Serving, req: ChatCompletionRequest, alias: str) -> tool
     """A chat request's ChatTools on its alias, its conversation checked against
     limits.max_prompt_chars: the chat route's prompt, shared with tokenize and count_tokens
     (serving/retrieval.py), so they count what the chat route reads."""
-    calls = tools.ChatTools(req, serving.settings.models.get(alias))
+    # an adapter's name renders with its base alias's template and tool format
+    calls = tools.ChatTools(req, serving.settings.models.get(serving.settings.served_name(alias)[0]))
     serving._check_prompt_size(sum(len(m.text()) for m in req.messages))
     return calls
 

@@ -51,6 +51,8 @@ class GenerationServing(Serving):
                     raise InvalidRequest("The prompt is empty: give at least one token of text.",
                                          param=prompt_field, code="empty_prompt")
             params = [self._sampling(req, len(p.ids), backend, calls, prompt_field) for p in prompts]
+            for pp in params:  # an adapter's name: its base's engine runs the request with the adapter
+                pp.adapter = self.manager.adapter_of(alias)
             await backend.prepare(params[0])  # a constraint the engine cannot serve: refused before any byte
             # n choices are n generations of the same prompt (seeded ones with seed, seed+1, ...)
             choices = [(p, pp if i == 0 else replace(pp, seed=None if pp.seed is None else pp.seed + i))

@@ -63,7 +63,7 @@ def index_page(request: Request) -> HTMLResponse:
         rows.append('<tr><td colspan="5">Listed for callers with a key: <code>GET /v1/models</code> with '
                     "<code>Authorization: Bearer &lt;key&gt;</code>, or the console at /ui.</td></tr>")
     for m in models:
-        described = ops.settings.models[m["id"]].description
+        described = ops.manager.config(m["id"]).description  # an adapter's: its base's
         state = "loaded" if m["loaded"] else "loading" if m["loading"] else "failed" if m["error"] else "not loaded"
         rows.append(f"<tr><td><code>{html.escape(m['id'])}</code></td><td>{html.escape(m['backend'])}</td>"
                     f"<td>{html.escape(m['task'])}</td><td>{state}</td><td>{html.escape(described)}</td></tr>")
