@@ -48,6 +48,9 @@ class PrefixCache:
         if len(prompt) < self.min_tokens or self.max_bytes <= 0:
             return
         ids = tuple(prompt)
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if size > self.max_bytes:  # before dropping what it covers: that stays useful
+            return
         for key in list(self._entries):
             if key[0] != adapter:
                 continue
@@ -57,9 +60,6 @@ class PrefixCache:
                 return
             if len(old) < len(ids) and ids[:len(old)] == old:
                 self._drop(key)
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
-        if size > self.max_bytes:
-            return
         self._entries[(adapter, ids)] = layers
         self.bytes += size
         while self.bytes > self.max_bytes:

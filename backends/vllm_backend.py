@@ -166,8 +166,12 @@ class VllmBackend(Backend):
             kwargs["speculative_config"] = speculative_config(spec)
             # its drafted / accepted counts reach us only through a stat logger, so stats go on
             loggers = [_speculation_logger(self.count)]
+            # vLLM checks these per request inside its engine, after a stream's first byte: refused
+            # up front instead (Backend.features), as speculative decoding does not serve them
+            self.features = type(self).features - {"min_p", "logit_bias"}
         try:
-            engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=spec is None)
+            # stats stay off: a custom logger alone turns them on without vLLM's default loggers
+            engine_args = AsyncEngineArgs(**kwargs, disable_log_stats=True)
         except (TypeError, ValueError) as exc:
             raise BadInput(f"invalid vLLM engine arguments for {self.alias!r}: {exc}") from exc
         self._tokenizing = EngineThread(f"vllm-tokenize-{self.alias}")
@@ -483,11 +487,14 @@ def speculative_config(spec: SpeculativeArgs) -> dict:
 
 def _speculation_logger(count):
     """A vLLM stat logger class that hands each step's drafted and accepted token counts to
-    ``count`` (Backend.count); it runs in AsyncLLM's output handler, on the event loop."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
+    ``count`` (Backend.count); it runs in AsyncLLM's output handler, on the event loop. It
+    passes for vLLM's Prometheus logger (a subclass whose __init__ builds none of its metrics),
+    because vLLM adds its own otherwise: per-token histogram writes on the event loop and vllm:*
+    metrics beside ours in BentoML's multiprocess directory."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-    class SpeculationCounts(StatLoggerBase):
-        def __init__(self, vllm_config, engine_index: int = 0):
+    class SpeculationCounts(PrometheusStatLogger):
+        def __init__(self, vllm_config, engine_indexes=None):  # noqa: D107 - no super(): no vllm:* metrics
             pass
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
@@ -497,6 +504,15 @@ def _speculation_logger(count):
                 count("speculative_accepted_tokens", stats.num_accepted_tokens)
 
         def log_engine_initialized(self):
+            pass
+
+        def log(self):
+            pass
+
+        def record_sleep_state(self, *args, **kwargs):
+            pass
+
+        def record_admission_rejection(self, *args, **kwargs):
             pass
 
     return SpeculationCounts

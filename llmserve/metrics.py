@@ -91,6 +91,7 @@ class RequestMetrics:
         self.start = self.last = self.flushed_at = time.perf_counter()
         self.tokens = 0
         self.cached = 0  # prompt tokens the engine had cached (its first token's Delta says)
+        self.counts_prompt = prompt_tokens > 0  # the first choice of its prompt (n > 1: the others count 0)
         self.done = False
         # the labelled children, looked up once
         self._running = REQUESTS_RUNNING.labels(model=model)
@@ -108,7 +109,7 @@ class RequestMetrics:
         now = time.perf_counter()
         if self.tokens == 0:
             self._ttft.observe(now - self.start)
-            if d.cached_tokens:
+            if d.cached_tokens and self.counts_prompt:  # counted once per prompt, as its tokens are
                 self.cached = d.cached_tokens
                 CACHED_PROMPT_TOKENS.labels(model=self.model).inc(d.cached_tokens)
         else:

@@ -51,13 +51,18 @@ def events(sse: str) -> list[tuple[str, dict]]:
     return out
 
 
+def prompt_tokens(usage) -> int:
+    """The whole prompt, as Anthropic counts it: tokens read from the prefix cache apart."""
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
 def test_a_message_answers_with_text_blocks_a_stop_reason_and_usage(claude, alias):
     m = claude.messages.create(model=alias, max_tokens=24, messages=QUESTION, extra_body=GREEDY,
                                system="You answer in one short sentence.")
     assert m.id.startswith("msg_") and m.type == "message" and m.role == "assistant" and m.model == alias
     assert [b.type for b in m.content] == ["text"] and m.content[0].text.strip()
     assert m.stop_reason in ("end_turn", "max_tokens") and m.stop_sequence is None
-    assert m.usage.input_tokens > 10 and 0 < m.usage.output_tokens <= 24
+    assert prompt_tokens(m.usage) > 10 and 0 < m.usage.output_tokens <= 24
+    assert 0 <= m.usage.cache_read_input_tokens < prompt_tokens(m.usage)  # read from the prefix cache
 
 
 def test_a_stream_sends_anthropics_events_in_order_and_the_same_text_as_the_sdk_builds(claude, server, alias):
@@ -147,7 +152,7 @@ def test_a_final_assistant_turn_is_a_prefill_the_answer_continues(claude, oai, a
     m = claude.messages.create(model=alias, max_tokens=22, messages=prefilled, extra_body=GREEDY)
     rest = m.content[0].text
     assert free.startswith(prefill + rest[:12]), (free, prefill, rest)  # greedy: it writes on as before
-    assert claude.messages.count_tokens(model=alias, messages=prefilled).input_tokens == m.usage.input_tokens
+    assert claude.messages.count_tokens(model=alias, messages=prefilled).input_tokens == prompt_tokens(m.usage)
     # the chat route takes the same as vLLM's continue_final_message
     chat = oai.chat.completions.create(model=alias, messages=prefilled, max_tokens=22, temperature=0,
                                        extra_body={"continue_final_message": True})
@@ -219,7 +224,7 @@ def test_count_tokens_equals_the_input_tokens_of_the_same_request(claude, alias)
     convo = {"system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
              "messages": [{"role": "user", "content": "Weather in Rome?"}], "tools": [WEATHER, TIME]}
     counted = claude.messages.count_tokens(model=alias, **convo).input_tokens
-    used = claude.messages.create(model=alias, max_tokens=2, **convo).usage.input_tokens
+    used = prompt_tokens(claude.messages.create(model=alias, max_tokens=2, **convo).usage)
     assert counted == used > 20
     plain = claude.messages.count_tokens(model=alias, messages=QUESTION).input_tokens
     assert 0 < plain < counted  # the tools' descriptions and the system text are counted too

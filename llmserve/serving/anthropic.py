@@ -58,8 +58,7 @@ class AnthropicOperations:
         blocks.close()
         usage = result["usage"]
         return run.message(blocks.content, _stop_reason(choice), _stop_sequence(choice),
-                           {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                            "cache_read_input_tokens": cached_tokens(usage)})
+                           _usage(usage))
 
     async def count_tokens(self, req: CountTokensRequest) -> dict[str, int]:
         """The prompt's tokens as the same Messages request counts them in its usage."""
@@ -87,8 +86,7 @@ class AnthropicOperations:
                 elif kind == "finish":
                     finish = value
                 elif kind == "usage":
-                    usage["output_tokens"] = value["completion_tokens"]
-                    usage["cache_read_input_tokens"] = cached_tokens(value)
+                    usage.update(_usage(value))
                 else:  # an error after the first byte
                     if blocks.open is not None:
                         yield blocks.close()
@@ -186,7 +184,15 @@ class Run:
                 usage: dict[str, int]) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
                 "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-                "usage": {**usage, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+                "usage": {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, **usage}}
+
+
+def _usage(usage: dict[str, Any]) -> dict[str, int]:
+    """Anthropic's usage from the chat path's: input_tokens are the prompt tokens not read from
+    the cache, cache_read_input_tokens the rest (their sum is the prompt, as Anthropic counts)."""
+    cached = cached_tokens(usage)
+    return {"input_tokens": usage["prompt_tokens"] - cached, "output_tokens": usage["completion_tokens"],
+            "cache_read_input_tokens": cached}
 
 
 def event(kind: str, **fields: Any) -> str:
