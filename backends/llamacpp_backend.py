@@ -524,8 +524,13 @@ class Scheduler(StepLoop):
 
     def _step(self) -> None:
         """One decode per adapter group of the running slots, each after setting its adapter; the
-        prompt-chunk budget is the step's, shared by the groups."""
+        prompt-chunk budget is the step's, shared by the groups. The group of the adapter the context
+        has goes first: a change of adapter makes llama.cpp reserve its compute graph again (~6 ms a
+        change here, beside ~110 ms for a decode of 2 tokens on one thread), so k groups cost k - 1
+        changes a step, not k. Each group's decode reads all the weights: k groups cost ~k decodes."""
         groups: dict[Optional[LoadedAdapter], list[Slot]] = {}
+        if any(s.request is not None and s.adapter is self._ctx_adapter for s in self.slots):
+            groups[self._ctx_adapter] = []
         for slot in self.slots:
             if slot.request is not None:
                 groups.setdefault(slot.adapter, []).append(slot)
