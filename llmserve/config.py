@@ -263,6 +263,22 @@ class RaySettings(_Strict):
             os.environ["RAY_ADDRESS"] = self.address
 
 
+class BatchesSettings(_Strict):
+    """Files and batches of the Batch API (llmserve/batch_store.py, llmserve/serving/batches.py)."""
+
+    # the SQLite file; default $XDG_DATA_HOME/llmserve/batches.sqlite3 (~/.local/share/llmserve/...)
+    store_path: Optional[str] = None
+    files_dir: Optional[str] = None  # uploaded and result files; default: "batch-files" beside the store
+    # one upload's size; an upload is also a request body, so limits.max_body_bytes bounds it too
+    max_file_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    max_files: int = Field(1000, ge=1)  # uploaded files kept at once (result files do not count)
+    max_lines: int = Field(50_000, ge=1)  # requests in one input file (OpenAI's limit)
+    # the part of each alias's slots (its concurrency) batch lines may hold at once, at least one;
+    # they also start only into slots that interactive requests leave free
+    slot_share: float = Field(0.5, gt=0, le=1)
+    poll_period: float = Field(1.0, gt=0)  # seconds between the runner's checks of windows and cancels
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMSERVE_", env_nested_delimiter="__", extra="forbid"
@@ -286,6 +302,7 @@ class Settings(BaseSettings):
     serverless: Serverless = Field(default_factory=Serverless)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+    batches: BatchesSettings = Field(default_factory=BatchesSettings)
     models: dict[str, ModelConfig]
 
     @classmethod

@@ -6,22 +6,20 @@ continues a conversation across requests and across server restarts. The file is
 count and age (``responses:`` in configuration.yaml): each write drops rows older than
 ``max_age_days`` and the oldest rows past ``max_stored``; reads treat expired rows as gone.
 
-sqlite3 blocks, so every call runs on one worker thread of its own (off the event loop; one
-connection, used from that thread only). Several server processes may share the file: SQLite
-locks it, and WAL lets readers go on while one writes.
+Every call runs on the store's own thread (sqlite_store.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from .sqlite_store import SQLiteStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -46,44 +44,24 @@ class StoredResponse:
     conversation: list[dict[str, Any]]
 
 
-class ResponseStore:
+class ResponseStore(SQLiteStore):
+    SCHEMA = SCHEMA
+
     def __init__(self, path: Path, max_stored: int, max_age: float):
-        self.path, self.max_stored, self.max_age = Path(path), max_stored, max_age
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="response-store")
-        self._db: Optional[sqlite3.Connection] = None
+        super().__init__(path, "response-store")
+        self.max_stored, self.max_age = max_stored, max_age
 
     async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        await self._run(self._put, response["id"], json.dumps(response), json.dumps(conversation))
+        await self.run(self._put, response["id"], json.dumps(response), json.dumps(conversation))
 
     async def get(self, response_id: str) -> Optional[StoredResponse]:
-        row = await self._run(self._get, response_id)
+        row = await self.run(self._get, response_id)
         return None if row is None else StoredResponse(json.loads(row[0]), json.loads(row[1]))
 
     async def delete(self, response_id: str) -> bool:
-        return await self._run(self._delete, response_id)
-
-    def close(self) -> None:
-        def close_db():
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-        self._thread.submit(close_db).result()
-        self._thread.shutdown()
+        return await self.run(self._delete, response_id)
 
     # -- on the store's thread -----------------------------------------------------------------
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)  # autocommit; writes are one statement or BEGIN..COMMIT
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-            self._db = db
-        return self._db
-
     def _put(self, response_id: str, response: str, conversation: str) -> None:
         db, now = self._conn(), time.time()
         db.execute("BEGIN IMMEDIATE")

@@ -17,6 +17,7 @@ from .logs import listening_address, log_startup, setup_logging
 from .manager import ModelManager
 from .serving import OpenAIOperations
 from .serving.anthropic import AnthropicOperations
+from .serving.batches import BatchOperations
 from .serving.responses import ResponsesOperations
 from .web.app import app
 from .web import anthropic
@@ -35,6 +36,8 @@ class Runtime:
         app.state.responses = self.responses
         self.anthropic = AnthropicOperations(self.ops)
         app.state.anthropic = self.anthropic
+        self.batches = BatchOperations(self.ops, self.responses, settings)
+        app.state.batches = self.batches
         self._preload: asyncio.Task | None = None
         _add_middleware(settings)
 
@@ -49,6 +52,7 @@ class Runtime:
                         "unload included, is open to anyone who can reach %s:%d", host, port)
         self._preload = asyncio.create_task(self.manager.preload())
         self._expiry = asyncio.create_task(self.manager.expire_idle())
+        await self.batches.start()  # resumes the batches a previous process left unfinished
         if wait:
             await self._preload
 
@@ -65,6 +69,7 @@ class Runtime:
         if self._preload is not None and not self._preload.done():
             self._preload.cancel()  # the alias it is loading still loads; shutdown() unloads it then
             await asyncio.gather(self._preload, return_exceptions=True)
+        await self.batches.stop()  # its running lines stay queued in the store for the next start
         await self.manager.shutdown()
         self.responses.close()
 

@@ -74,7 +74,10 @@ def start_server(env_overrides: dict[str, str] | None = None, name: str = "test-
     # (11 aliases in a full run)
     env = {"LLMSERVE_LIMITS__MAX_LOADED_MODELS": "12", "LLMSERVE_FAULTS": FAULTS_ENV, **LORA_ENV,
            "LLMSERVE_LIMITS__DEFAULT_MAX_TOKENS": "256",
-           "LLMSERVE_RESPONSES__STORE_PATH": store, **(env_overrides or {})}
+           "LLMSERVE_RESPONSES__STORE_PATH": store,
+           # files and batches (and their files) in a folder of this server's own
+           "LLMSERVE_BATCHES__STORE_PATH": str(Path(tempfile.mkdtemp(dir=ROOT / ".cache", prefix=f"{name}-batches-"))
+                                               / "batches.sqlite3"), **(env_overrides or {})}
     server = bentoml_serve(ROOT / ".cache" / f"{name}.log", env)
     try:
         server.wait_ready(STARTUP_TIMEOUT)

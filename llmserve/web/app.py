@@ -3,6 +3,7 @@
 Routes, under /v1 and again under /api/v1:
   POST /chat/completions, POST /completions, POST /embeddings, GET /models,
   POST /responses, GET /responses/{id}, DELETE /responses/{id}, GET /responses/{id}/input_items
+  the Files and Batch APIs: /files, /batches (batches.py)
 Model admin, at the root and under both prefixes:
   GET /models, GET /models/{name}, POST /models/{name}/load, POST /models/{name}/unload
 
@@ -27,7 +28,7 @@ from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ..serving import OpenAIOperations
 from ..serving.responses import ResponsesOperations
 from ..ui import mount as mount_pages
-from . import anthropic, retrieval
+from . import anthropic, batches, retrieval
 from .auth import check_admin_key, check_api_key
 from .responding import api_error_of, error_response, respond, while_connected
 
@@ -137,6 +138,7 @@ for prefix in ("/v1", "/api/v1"):
     app.include_router(admin_router, prefix=prefix)
     app.include_router(anthropic.router, prefix=prefix)  # its own error shape and keys (x-api-key)
     app.include_router(retrieval.router, prefix=prefix)
+    app.include_router(batches.router, prefix=prefix)
     app.include_router(openai_router, prefix=prefix)  # after admin: it ends with the catch-all
 app.include_router(admin_router)
 
