@@ -246,3 +246,14 @@ def test_vllm_lora_arguments_follow_the_adapters():
     assert VllmArgs(max_lora_rank=64).lora_kwargs([4], 1)["max_lora_rank"] == 64
     with pytest.raises(ValueError):
         VllmArgs(max_lora_rank=12)
+
+
+
+def test_llama_cpp_serves_the_adapters_by_name_beside_the_base(server, refs):
+    """The default alias on llama.cpp (its Q8_0 base answers near, not equal to, PEFT's float32
+    ones): its adapters are served by name and answer unlike the base. That they keep their
+    answers in a mixed batch is checked on an F16 base (tests/test_llamacpp_lora.py): on this Q8_0
+    one a mixed batch changed beta's greedy answer in two runs of three (seen 2026-12-03)."""
+    alone = {n: answer(server, n) for n in ("smollm2", "smollm2:alpha", "smollm2:beta")}
+    assert alone["smollm2:beta"] != alone["smollm2"], alone
+    assert model_row(server, "smollm2:alpha")["parent"] == "smollm2"
