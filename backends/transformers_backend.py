@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from .adapters import check_targets, lora_shape
+from .lora import check_targets, lora_shape
 from .base import (CHAT, COMPLETION, EMBEDDINGS, RERANK, Adapter, Backend, Delta, Embeddings, SamplingParams, Scores,
                    TokenLogprob, release_memory)
 from .convert import gguf_to_hf_dir

@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-from .adapters import check_rank, lora_shape
+from .lora import check_rank, lora_shape
 from .args import SpeculativeArgs, VllmArgs
 from .base import (CHAT, COMPLETION, RERANK, Adapter, Backend, Delta, SamplingParams, Scores, TokenLogprob,
                    release_memory)

