@@ -439,8 +439,9 @@ class VllmBackend(Backend):
         request_id = uuid.uuid4().hex
         count, finished, first = 0, False, True
         try:
-            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
-                                             lora_request=lora):
+            # lora_request only with an adapter (or CPU's zero base adapter): an engine without LoRA takes none
+            extra = {"lora_request": lora} if lora is not None else {}
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id, **extra):
                 c = out.outputs[0]
                 count += len(c.token_ids)
                 if self._faults is not None:
