@@ -275,7 +275,7 @@ class BatchesSettings(_Strict):
     max_lines: int = Field(50_000, ge=1)  # requests in one input file (OpenAI's limit)
     # the part of each alias's slots (its concurrency) batch lines may hold at once, at least one;
     # they also start only into slots that interactive requests leave free
-    slot_share: float = Field(0.5, gt=0, le=1)
+    slot_share: float = Field(0.125, gt=0, le=1)
     poll_period: float = Field(1.0, gt=0)  # seconds between the runner's checks of windows and cancels
 
 

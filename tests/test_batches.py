@@ -160,6 +160,7 @@ def test_a_file_that_is_not_a_batch_fails_validation_naming_the_line(oai, text, 
     ({"endpoint": "/v1/moderations"}, "endpoint"),
     ({"completion_window": "soon"}, "completion_window"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"output_expires_after": {"anchor": "created_at", "seconds": 3600}}, "output_expires_after"),
 ])
 def test_a_bad_create_request_is_a_4xx_naming_the_field(oai, http, change, param):
     body = {"input_file_id": upload(oai, [chat_line("a")]), "endpoint": "/v1/chat/completions",
@@ -250,7 +251,8 @@ class BatchServer:
         self.store = tmp_path / "batches.sqlite3"
         self.env = {"LLMSERVE_API_KEYS": ",".join(KEYS), "LLMSERVE_MODELS__MINILM__PRELOAD": "false",
                     "LLMSERVE_BATCHES__STORE_PATH": str(self.store), "LLMSERVE_BATCHES__MAX_FILES": "6",
-                    "LLMSERVE_BATCHES__MAX_FILE_BYTES": "65536"}
+                    "LLMSERVE_BATCHES__MAX_FILE_BYTES": "65536",
+                    "LLMSERVE_BATCHES__SLOT_SHARE": "0.5"}  # 4 lines at once: some are running at the kill
         self.server = start_server(self.env, name="test-server-batches")
 
     def client(self, key: str) -> openai.OpenAI:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..batch_schemas import (Batch, BatchCreateRequest, BatchError, BatchErrors, FileObject, InputLine, RequestCounts,
                              page, result_line, usage, window_seconds)
-from ..batch_store import BatchStore, batch_times, default_path, new_id
+from ..batch_store import BatchStore, batch_times, default_path, new_id, not_found
 from ..config import Settings
 from ..errors import InvalidRequest, internal_error, to_api_error, validation_error_to_api_error
 from ..manager import MAY_LOAD
@@ -90,8 +90,10 @@ class BatchOperations:
         return page([file_object(r) for r in rows], more)
 
     async def content(self, owner: str, file_id: str) -> Path:
-        row = await self.store.run(self.store.get_file, owner, file_id)
-        return self.store.blob(row["id"])
+        path = self.store.blob((await self.store.run(self.store.get_file, owner, file_id))["id"])
+        if not path.is_file():  # its contents removed by hand
+            raise not_found("file", "file_id", file_id)
+        return path
 
     async def delete_file(self, owner: str, file_id: str) -> dict[str, Any]:
         await self.store.run(self.store.delete_file, owner, file_id)
