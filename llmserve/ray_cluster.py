@@ -128,7 +128,11 @@ def alive_nodes(address: str) -> list[dict]:
                          timeout=120)
     if out.returncode != 0:
         raise RuntimeError(f"listing the nodes of {address} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray's own warnings (e.g. "raylet has lagging heartbeats") share the child's stdout, also after ours
+    listed = [line[len(_NODES_MARK):] for line in out.stdout.splitlines() if line.startswith(_NODES_MARK)]
+    if not listed:
+        raise RuntimeError(f"listing the nodes of {address} printed no list: {out.stdout[-2000:]}")
+    return json.loads(listed[-1])
 
 
 def _wait_nodes(cluster: LocalCluster, count: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -148,10 +152,11 @@ def _wait_nodes(cluster: LocalCluster, count: int, timeout: float, proc: subproc
 
 
 # asked in a child process: ray.init in this one would make it a driver of the cluster for good
-_ALIVE_NODES = """
+_NODES_MARK = "llmserve-alive-nodes: "
+_ALIVE_NODES = f"""
 import json, sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-print(json.dumps([n for n in ray.nodes() if n["Alive"]], default=str))
+print({_NODES_MARK!r} + json.dumps([n for n in ray.nodes() if n["Alive"]], default=str), flush=True)
 """
 
 
